@@ -1,0 +1,64 @@
+"""Activation memory per training step, by number of chunks and execution mode.
+
+Counts the bytes autograd saves for backward in one training step (the peak held at any one time,
+see locallearn.memory), on the CPU, deterministically. Prints a markdown table and writes JSON.
+
+    python analysis/activation_memory.py                       # model=small, batch 12, vocab 65
+    python analysis/activation_memory.py --model base --batch 8 --chunks 1 2 4 8 --out mem.json
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from locallearn.chunked import ChunkedGPT
+from locallearn.chunking import ChunkPlan
+from locallearn.execution import MODES
+from locallearn.heads import LinearHead
+from locallearn.memory import SavedTensorMeter
+from locallearn.model import GPT, GPTConfig
+from locallearn.objectives import CausalLM
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+
+def measure(cfg: GPTConfig, chunks: int, mode: str, batch: int, seed: int = 0) -> int:
+    torch.manual_seed(seed)
+    net = ChunkedGPT(GPT(cfg), ChunkPlan.build(cfg.n_layer, chunks), LinearHead)
+    x = torch.randint(cfg.vocab_size, (batch, cfg.block_size + 1))
+    objective = CausalLM()
+    idx, targets = objective.prepare(x)
+    with SavedTensorMeter(net.parameters()) as meter:
+        MODES[mode](net, idx, targets, objective.loss, lambda loss: loss.backward())
+    return meter.peak
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="small", help="a preset in conf/model/")
+    ap.add_argument("--batch", type=int, default=12)
+    ap.add_argument("--vocab", type=int, default=65, help="vocabulary size (65: tiny Shakespeare)")
+    ap.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--out", default="activation_memory.json")
+    args = ap.parse_args()
+    preset = {k: v for k, v in yaml.safe_load((CONF / f"{args.model}.yaml").read_text()).items() if k != "_target_"}
+    cfg = GPTConfig(**preset, vocab_size=args.vocab)
+    rows = []
+    for mode in MODES:
+        for k in args.chunks:
+            rows.append({"model": args.model, "batch": args.batch, "mode": mode, "chunks": k,
+                         "bytes": measure(cfg, k, mode, args.batch)})
+    base = {r["mode"]: r["bytes"] for r in rows if r["chunks"] == args.chunks[0]}
+    print(f"| mode | chunks | activation bytes | vs chunks={args.chunks[0]} |\n|---|---|---|---|")
+    for r in rows:
+        r["ratio"] = r["bytes"] / base[r["mode"]]
+        print(f"| {r['mode']} | {r['chunks']} | {r['bytes']:,} | {r['ratio']:.3f} |")
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

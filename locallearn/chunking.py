@@ -1,0 +1,99 @@
+"""The chunk plan: which transformer blocks each local loss trains.
+
+All validation of chunk numbers lives here. Blocks are indexed from 0 in code; chunks are named
+from 1 (``chunk1`` ... ``chunkK``) in configs, logs and summaries. The embedding belongs to chunk 1.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from locallearn.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int  # position in the plan, from 0
+    start: int  # first block of the chunk
+    end: int  # one past its last block
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.end)
+
+    @property
+    def name(self) -> str:
+        return f"chunk{self.index + 1}"
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    n_layer: int
+    chunks: tuple[Chunk, ...]
+
+    @classmethod
+    def build(cls, n_layer: int, chunks: int | None = None, boundaries: Sequence[int] | None = None) -> "ChunkPlan":
+        """``chunks=K`` balanced split, or explicit ``boundaries`` (first block of every chunk but the first)."""
+        if boundaries is not None:
+            cuts = cls._check_boundaries(n_layer, list(boundaries))
+            if chunks is not None and chunks != len(cuts) + 1:
+                raise ConfigError(
+                    f"chunking.boundaries={cuts} makes {len(cuts) + 1} chunks but chunks={chunks}; "
+                    f"pass chunks={len(cuts) + 1} (or chunks=null) with these boundaries."
+                )
+        else:
+            if chunks is None:
+                raise ConfigError("chunks=null needs chunking.boundaries=[...]; pass chunks=K or the boundaries.")
+            cuts = cls._balanced(n_layer, chunks)
+        edges = [0, *cuts, n_layer]
+        return cls(n_layer, tuple(Chunk(i, a, b) for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))))
+
+    @staticmethod
+    def _balanced(n_layer: int, k) -> list[int]:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"chunks={k} must be a whole number of at least 1 (chunks=1 is end-to-end backprop).")
+        if k > n_layer:
+            raise ConfigError(
+                f"chunks={k} exceeds model.n_layer={n_layer}: every chunk needs at least one block, "
+                f"so use chunks<={n_layer} or a deeper model."
+            )
+        size, extra = divmod(n_layer, k)
+        sizes = [size + (i < extra) for i in range(k)]  # earlier chunks take the extra layer
+        cuts, at = [], 0
+        for s in sizes[:-1]:
+            at += s
+            cuts.append(at)
+        return cuts
+
+    @staticmethod
+    def _check_boundaries(n_layer: int, cuts: list) -> list[int]:
+        if any(isinstance(c, bool) or not isinstance(c, int) for c in cuts):
+            raise ConfigError(f"chunking.boundaries={cuts} must be whole numbers (block indices).")
+        if any(b <= a for a, b in zip(cuts, cuts[1:])):
+            raise ConfigError(f"chunking.boundaries={cuts} must be strictly increasing, e.g. [1, 3].")
+        if cuts and (cuts[0] < 1 or cuts[-1] > n_layer - 1):
+            raise ConfigError(
+                f"chunking.boundaries={cuts} must lie in 1..{n_layer - 1} for model.n_layer={n_layer} "
+                f"(a boundary is the first block of a new chunk)."
+            )
+        return cuts
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __iter__(self):
+        return iter(self.chunks)
+
+    def __getitem__(self, k: int) -> Chunk:
+        return self.chunks[k]
+
+    @property
+    def boundaries(self) -> list[int]:
+        return [c.start for c in self.chunks[1:]]
+
+    def describe(self) -> str:
+        """One line per chunk, e.g. ``chunk1: embedding + blocks 0-1``."""
+        lines = []
+        for c in self.chunks:
+            blocks = f"block {c.start}" if c.end - c.start == 1 else f"blocks {c.start}-{c.end - 1}"
+            lines.append(f"{c.name}: {'embedding + ' if c.index == 0 else ''}{blocks}")
+        return "\n".join(lines)

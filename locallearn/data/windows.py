@@ -1,0 +1,42 @@
+"""Batches of random token windows, reproducible by step.
+
+Training batch ``n`` is drawn from a generator seeded with ``(seed, n)``, so a run resumed at
+step ``s`` sees exactly the batches the uninterrupted run would have seen, with no sampler state
+to checkpoint. Validation uses one fixed set of windows.
+"""
+
+import torch
+from torch.utils.data import IterableDataset
+
+
+def _window_starts(n_tokens: int, width: int, count: int, generator: torch.Generator):
+    return torch.randint(n_tokens - width + 1, (count,), generator=generator)
+
+
+def gather_windows(tokens: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
+    """(N,) tokens and (B,) start offsets -> (B, width) windows."""
+    return tokens[starts[:, None] + torch.arange(width)]
+
+
+class RandomWindows(IterableDataset):
+    """Endless batches (B, block_size + 1) of random windows, starting at batch ``start``."""
+
+    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int, start: int = 0):
+        self.tokens, self.width, self.batch_size = tokens, block_size + 1, batch_size
+        self.seed, self.start = seed, start
+
+    def batch(self, n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + n)
+        return gather_windows(self.tokens, _window_starts(len(self.tokens), self.width, self.batch_size, g), self.width)
+
+    def __iter__(self):
+        n = self.start
+        while True:
+            yield self.batch(n)
+            n += 1
+
+
+def fixed_windows(tokens: torch.Tensor, block_size: int, count: int, seed: int = 0) -> torch.Tensor:
+    """(count, block_size + 1) windows at offsets fixed by ``seed``: the validation set."""
+    g = torch.Generator().manual_seed(seed)
+    return gather_windows(tokens, _window_starts(len(tokens), block_size + 1, count, g), block_size + 1)

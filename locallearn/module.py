@@ -1,0 +1,160 @@
+"""The LightningModule: model + chunk plan + heads + objective + execution mode.
+
+Optimization is manual because ``sequential`` mode needs one backward per chunk. There is one
+optimizer with a decay and a no-decay param group per chunk (tagged ``chunk=k``), so
+``trainer.global_step`` counts batches, each chunk's gradients are clipped on their own, and later
+per-chunk learning rates are a matter of group settings.
+"""
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from locallearn.chunked import ChunkedGPT
+from locallearn.execution import get_step
+from locallearn.memory import SavedTensorMeter
+
+
+class LocalLearner(L.LightningModule):
+    """Trains a :class:`ChunkedGPT`, each chunk on its own local loss.
+
+    Args:
+        net: the chunked model.
+        objective: turns batches and logits into losses (``prepare``, ``loss``).
+        mode: ``joint`` or ``sequential`` (see :mod:`locallearn.execution`).
+        optimizer: partial optimizer, called with the param groups.
+        scheduler: partial LR scheduler, called with the optimizer and ``total_steps``; or None.
+        grad_clip: max gradient norm per chunk; None or 0 disables clipping.
+        config: the resolved run config, stored in checkpoints and summaries.
+    """
+
+    def __init__(self, net: ChunkedGPT, objective, mode: str = "joint", optimizer: Callable | None = None,
+                 scheduler: Callable | None = None, grad_clip: float | None = 1.0, config: dict | None = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net, self.objective, self.mode = net, objective, mode
+        self.step_fn = get_step(mode)
+        self.optimizer_factory = optimizer or torch.optim.AdamW
+        self.scheduler_factory = scheduler
+        self.grad_clip = grad_clip or None
+        self.save_hyperparameters({"config": config or {}}, logger=False)
+        K = len(net)
+        self.val_loss = torch.nn.ModuleList(MeanMetric() for _ in range(K))
+        self.final_val: list[float] | None = None  # per chunk, from the latest validation
+        self.best_val: float = math.inf  # last chunk
+        self.activation_bytes: int | None = None  # peak bytes saved for backward in one step
+        self.cuda_peak_bytes: int | None = None
+        self.train_seconds = 0.0  # time spent in training steps (not validation) in this process
+        self.train_steps_timed = 0
+        self._measure_next = True
+        self._t0 = None
+        self._batch_tokens = 0
+
+    # -- optimization ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        groups = []
+        for k in range(len(self.net)):
+            params = self.net.chunk_parameters(k)
+            # Weight decay on matrices only: not on biases, LayerNorm gains or position-free vectors.
+            decay = [p for p in params if p.dim() >= 2]
+            no_decay = [p for p in params if p.dim() < 2]
+            groups.append({"params": decay, "chunk": k, "name": f"chunk{k + 1}/decay"})
+            groups.append({"params": no_decay, "chunk": k, "name": f"chunk{k + 1}/no_decay", "weight_decay": 0.0})
+        opt = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return opt
+        sched = self.scheduler_factory(opt, total_steps=self.trainer.max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _clip(self) -> list[torch.Tensor]:
+        """Clip each chunk's gradient norm on its own; return the norms before clipping."""
+        limit = self.grad_clip if self.grad_clip else math.inf
+        return [torch.nn.utils.clip_grad_norm_(self.net.chunk_parameters(k), limit) for k in range(len(self.net))]
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        idx, targets = self.objective.prepare(batch)
+        self._batch_tokens = targets.numel()
+        opt.zero_grad(set_to_none=True)
+        meter = SavedTensorMeter(self.net.parameters()) if self._measure_next else nullcontext()
+        with meter:
+            losses = self.step_fn(self.net, idx, targets, self.objective.loss, self.manual_backward)
+        if self._measure_next:
+            self.activation_bytes, self._measure_next = meter.peak, False
+        norms = self._clip()
+        opt.step()
+        if self.lr_schedulers() is not None:
+            self.lr_schedulers().step()
+        K = len(self.net)
+        for k, (loss, norm) in enumerate(zip(losses, norms)):
+            self.log(f"train/loss/chunk{k + 1}", loss, prog_bar=k == K - 1)
+            self.log(f"train/grad_norm/chunk{k + 1}", norm)
+        for group in opt.param_groups[::2]:  # one group per chunk is enough: both share the LR
+            self.log(f"train/lr/chunk{group['chunk'] + 1}", group["lr"])
+        return {f"chunk{k + 1}": loss for k, loss in enumerate(losses)}
+
+    # -- timing: tokens/s over training steps only -------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - self._t0
+        self.train_seconds += dt
+        self.train_steps_timed += 1
+        self.log("train/tokens_per_s", self._batch_tokens / dt)
+        if self.trainer.max_steps > 0 and self.global_step >= self.trainer.max_steps:
+            # Lightning validates when a run is asked to stop: this makes the final step's validation
+            # happen (and reach the checkpoint callback) even when max_steps is not a multiple of
+            # val_check_interval.
+            self.trainer.should_stop = True
+
+    def on_fit_start(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def on_train_end(self):  # before on_fit_end, where the summary is written
+        if self.device.type == "cuda":
+            self.cuda_peak_bytes = torch.cuda.max_memory_allocated(self.device)
+
+    # -- validation -------------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        idx, targets = self.objective.prepare(batch)
+        for k, logits in enumerate(self.net(idx)):
+            self.val_loss[k].update(self.objective.loss(logits, targets), weight=targets.numel())
+
+    def on_validation_epoch_end(self):
+        K = len(self.net)
+        values = []
+        for k, metric in enumerate(self.val_loss):
+            value = metric.compute()
+            metric.reset()
+            values.append(float(value))
+            self.log(f"val/loss/chunk{k + 1}", value)
+            self.log(f"val/bpc/chunk{k + 1}", value / math.log(2))
+        self.log("val/loss", values[-1], prog_bar=True)  # the model's own output: what checkpoints monitor
+        if not self.trainer.sanity_checking:
+            self.final_val = values
+            self.best_val = min(self.best_val, values[K - 1])
+
+    # -- exact resume -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        # The data needs no state (batches are drawn by step); dropout needs the RNG.
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["best_val"] = self.best_val
+
+    def on_load_checkpoint(self, checkpoint):
+        rng = checkpoint.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.best_val = checkpoint.get("best_val", math.inf)

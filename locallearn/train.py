@@ -1,0 +1,109 @@
+"""Build everything a run needs from its Hydra config, check it, then fit.
+
+``run.py`` is a thin Hydra entry point over :func:`train`. All checks of user input happen in
+:func:`build`, before the first training step; each raises :class:`ConfigError` with one sentence.
+"""
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from locallearn.chunked import ChunkedGPT
+from locallearn.chunking import ChunkPlan
+from locallearn.errors import ConfigError
+from locallearn.execution import get_step
+from locallearn.model import GPT
+from locallearn.module import LocalLearner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """The pieces of one run, built and checked."""
+
+    datamodule: L.LightningDataModule
+    module: LocalLearner
+    trainer: L.Trainer
+    output_dir: Path
+
+
+def _check_schedule(cfg: DictConfig):
+    # Building the scheduler against a throwaway optimizer checks its settings now rather than at
+    # the first training step.
+    if cfg.get("schedule") is not None:
+        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        instantiate(cfg.schedule)(dummy, total_steps=cfg.trainer.max_steps)
+
+
+def build(cfg: DictConfig) -> Run:
+    """Seed, check and instantiate data, model, module and trainer. Nothing is trained yet."""
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    get_step(cfg.mode)
+    model_cfg = instantiate(cfg.model, vocab_size=1)  # checks the shape settings before the data loads
+    plan = ChunkPlan.build(model_cfg.n_layer, cfg.chunks, cfg.chunking.get("boundaries"))
+    if cfg.data.block_size > model_cfg.block_size:
+        raise ConfigError(
+            f"data.block_size={cfg.data.block_size} exceeds model.block_size={model_cfg.block_size}; "
+            f"the model has no position embedding past its block_size, so lower data.block_size."
+        )
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file to resume from.")
+    _check_schedule(cfg)
+
+    datamodule = instantiate(cfg.data)
+    model_cfg.vocab_size = datamodule.vocab_size
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the weights' init does not depend on the data
+    net = ChunkedGPT(GPT(model_cfg), plan, instantiate(cfg.head))
+    module = LocalLearner(
+        net,
+        instantiate(cfg.objective),
+        mode=cfg.mode,
+        optimizer=instantiate(cfg.optim),
+        scheduler=instantiate(cfg.schedule) if cfg.get("schedule") is not None else None,
+        grad_clip=cfg.grad_clip,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return Run(datamodule, module, trainer, output_dir)
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record):
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning():
+    """Silence Lightning messages that say nothing about this run."""
+    # Batches are slices of an in-memory tensor: worker processes would only add copying.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropAdverts())
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit one run; return its summary (also written to ``summary.json`` in the run directory)."""
+    quiet_lightning()
+    run = build(cfg)
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    run.datamodule.save_vocab(run.output_dir)
+    log.info(run.datamodule.describe())
+    log.info("chunk plan (%s mode):\n%s", cfg.mode, run.module.net.plan.describe())
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    summary_cb = next((c for c in run.trainer.callbacks if type(c).__name__ == "RunSummary"), None)
+    summary = summary_cb.summary(run.trainer, run.module, "finished") if summary_cb else {}
+    if summary.get("val_loss"):
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in summary["val_loss"].items())
+        log.info("final val loss: %s | %d steps in %.0f s, %.0f tokens/s | run dir: %s", losses, summary["steps"],
+                 summary["wall_time_s"], summary["tokens_per_s"] or 0, run.output_dir)
+    return summary

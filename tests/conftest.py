@@ -1,0 +1,84 @@
+"""Shared fixtures: compose the real Hydra config (conf/) with tiny overrides, as run.py would."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+import locallearn  # noqa: F401  (registers the ${ll.*} resolvers)
+from locallearn.config import PROJECT_ROOT
+
+CONF_DIR = str(PROJECT_ROOT / "conf")
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+
+# Small enough for a CPU test in a second or two, big enough that chunks=1,2,4 all make sense.
+TINY = [
+    "model=tiny",
+    "data.n_train_tokens=20000",
+    "data.n_val_tokens=4000",
+    "data.batch_size=8",
+    "data.val_windows=16",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.accelerator=cpu",
+    "schedule.warmup_steps=2",
+]
+
+
+def tiny_overrides(overrides) -> list[str]:
+    """TINY, less the synthetic corpus sizes when another data set is chosen."""
+    other_data = any(o.startswith("data=") and o != "data=synthetic" for o in overrides)
+    return [o for o in TINY if not (other_data and o.startswith("data.n_"))]
+
+
+def compose_config(output_dir: Path, *overrides: str):
+    """The run config exactly as ``python run.py TINY... overrides...`` would see it, writing to ``output_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*tiny_overrides(overrides), *overrides],
+                      return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    HydraConfig().set_config(cfg)  # what ${hydra:...} resolves against; the job config itself has no hydra node
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """``make_cfg(*overrides)`` -> a composed config whose outputs go to a fresh temp dir."""
+    counter = iter(range(1000))
+
+    def make(*overrides: str):
+        return compose_config(tmp_path / f"run{next(counter)}", *overrides)
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    if not SHARED_DATA.is_dir():
+        skip = pytest.mark.skip(reason=f"needs the shared data folder {SHARED_DATA}, which is absent")
+        for item in items:
+            if "shared_data" in item.keywords:
+                item.add_marker(skip)
+
+
+class CrashAt:
+    """A test callback (added through the config, as a user would add one) that fails a run at a step."""
+
+    def __new__(cls, step: int):
+        import lightning as L
+
+        class _Crash(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    raise RuntimeError(f"planted failure at step {step}")
+
+        return _Crash()

@@ -1,0 +1,97 @@
+"""End-to-end runs through the real Hydra config: outputs, resume, multirun."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from locallearn.config import PROJECT_ROOT
+from locallearn.train import train
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_run_writes_summary_events_checkpoints_and_vocab(make_cfg):
+    cfg = make_cfg("chunks=2", "mode=sequential")
+    summary = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["status"] == "finished"
+    assert on_disk["steps"] == 6 and on_disk["chunks"] == 2
+    assert on_disk["layers"] == [[0, 1], [2, 3]]
+    assert set(on_disk["val_loss"]) == {"chunk1", "chunk2"}
+    assert on_disk["best_val_loss"] <= on_disk["val_loss"]["chunk2"] + 1e-9
+    assert on_disk["tokens_seen"] == 6 * 8 * 16
+    assert on_disk["activation_bytes_peak"] > 0 and on_disk["tokens_per_s"] > 0
+    p = on_disk["parameters"]
+    assert p["chunk1"]["trunk"] > p["chunk2"]["trunk"]  # chunk 1 holds the embeddings too
+    assert sum(c["trunk"] + c["head"] for c in p.values()) == on_disk["parameters_total"]
+    assert summary["val_loss"] == on_disk["val_loss"]
+    assert {"best.ckpt", "last.ckpt"} <= {f.name for f in (out / "checkpoints").iterdir()}
+    vocab = json.loads((out / "vocab.json").read_text())
+    assert len(vocab["tokens"]) == on_disk["vocab_size"]
+
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for k in (1, 2):
+        assert {f"train/loss/chunk{k}", f"val/loss/chunk{k}", f"val/bpc/chunk{k}", f"train/lr/chunk{k}"} <= tags
+    assert "train/tokens_per_s" in tags
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]  # per-chunk curves share charts
+    assert len(scalars(out, "train/loss/chunk2")) == 6
+
+
+def test_resume_continues_exactly_where_the_run_stopped(make_cfg):
+    straight = make_cfg("chunks=2", "model.dropout=0.1")
+    train(straight)
+    crashed = make_cfg("chunks=2", "model.dropout=0.1", "+callbacks.crash._target_=conftest.CrashAt",
+                       "+callbacks.crash.step=4")
+    with pytest.raises(RuntimeError, match="planted failure at step 4"):
+        train(crashed)
+    crashed_dir = Path(crashed.paths.output_dir)
+    failed = json.loads((crashed_dir / "summary.json").read_text())
+    assert failed["status"].startswith("failed: RuntimeError") and failed["steps"] == 4
+    last = crashed_dir / "checkpoints" / "last.ckpt"  # written by the validation at step 3
+
+    resumed = make_cfg("chunks=2", "model.dropout=0.1", f"ckpt_path={last}")
+    summary = train(resumed)
+    assert summary["steps"] == 6
+    want = scalars(Path(straight.paths.output_dir), "train/loss/chunk2")
+    got = scalars(Path(resumed.paths.output_dir), "train/loss/chunk2")
+    assert sorted(got) == [3, 4, 5]  # the resumed run logs steps 4..6 only, on the same step axis
+    for step, value in got.items():
+        assert value == pytest.approx(want[step], rel=1e-6, abs=0), f"step {step + 1} differs after resume"
+    assert summary["val_loss"] == json.loads((Path(straight.paths.output_dir) / "summary.json").read_text())["val_loss"]
+
+
+@pytest.mark.shared_data
+def test_shakespeare_preset_reads_the_shared_corpus(make_cfg):
+    cfg = make_cfg("data=shakespeare", "chunks=2", "trainer.max_steps=3", "schedule.warmup_steps=1")
+    summary = train(cfg)
+    assert summary["vocab_size"] == 65 and summary["status"] == "finished"
+    vocab = json.loads((Path(cfg.paths.output_dir) / "vocab.json").read_text())
+    assert vocab["data"] == "text" and "\n" in vocab["tokens"] and "z" in vocab["tokens"]
+
+
+def test_multirun_from_the_command_line(tmp_path):
+    cmd = [sys.executable, "run.py", "-m", "chunks=1,2", "model=tiny", "data.n_train_tokens=20000",
+           "data.n_val_tokens=4000", "data.val_windows=16", "trainer.max_steps=4", "trainer.val_check_interval=2",
+           "schedule.warmup_steps=1", "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}"]
+    done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (sweep,) = (tmp_path / "multiruns").iterdir()
+    assert "chunks=1,2" in sweep.name
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [j.name.split("_", 1)[0] for j in jobs] == ["0", "1"]
+    for job, k in zip(jobs, (1, 2)):
+        assert f"chunks={k}" in job.name
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["chunks"] == k and summary["steps"] == 4
+        assert (job / ".hydra" / "config.yaml").is_file()  # the resolved config is saved with every run

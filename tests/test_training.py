@@ -1,0 +1,107 @@
+"""Training through the real config and LightningModule: equivalences and determinism."""
+
+import copy
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from locallearn.model import GPT
+from locallearn.schedules import warmup_cosine
+from locallearn.train import build, quiet_lightning
+
+quiet_lightning()
+
+
+class LossRecorder(L.Callback):
+    """Collects the per-chunk training losses of every step."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append([float(v) for v in outputs.values()])
+
+
+def fit(cfg, before=None):
+    run = build(cfg)
+    if before:
+        before(run)
+    recorder = LossRecorder()
+    run.trainer.callbacks.append(recorder)
+    initial = copy.deepcopy(run.module.net.state_dict())
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    return run, recorder.losses, initial
+
+
+def take(loader, n):
+    return [x for x, _ in zip(loader, range(n))]
+
+
+def test_global_step_counts_batches(make_cfg):
+    run, losses, _ = fit(make_cfg("chunks=4", "mode=sequential"))
+    assert run.trainer.global_step == 6 and len(losses) == 6
+    assert all(len(step) == 4 for step in losses)
+
+
+@pytest.mark.parametrize("chunks", [2, 4])
+def test_joint_and_sequential_reach_the_same_parameters(make_cfg, chunks):
+    joint, joint_losses, _ = fit(make_cfg(f"chunks={chunks}", "mode=joint"))
+    seq, seq_losses, _ = fit(make_cfg(f"chunks={chunks}", "mode=sequential"))
+    torch.testing.assert_close(torch.tensor(joint_losses), torch.tensor(seq_losses), rtol=0, atol=1e-6)
+    for (name, a), b in zip(joint.module.net.named_parameters(), seq.module.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"{name} differs between joint and sequential")
+    # and training did move the parameters
+    assert joint_losses[-1][-1] < joint_losses[0][-1]
+
+
+def test_one_chunk_is_a_plain_training_loop(make_cfg):
+    cfg = make_cfg("chunks=1", "trainer.max_steps=8")
+    batches = []
+    run, losses, initial = fit(cfg, before=lambda run: batches.extend(take(run.datamodule.train_dataloader(), 8)))
+
+    # The same training written by hand: GPT, AdamW (decay on matrices), warmup+cosine, clipping.
+    model = GPT(run.module.net.gpt.config)
+    model.load_state_dict({k.removeprefix("gpt."): v for k, v in initial.items()})
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2]}, {"params": [p for p in params if p.dim() < 2],
+                                                           "weight_decay": 0.0}],
+        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+    )
+    sched = warmup_cosine(opt, total_steps=8, warmup_steps=cfg.schedule.warmup_steps,
+                          min_lr_ratio=cfg.schedule.min_lr_ratio)
+    plain = []
+    for x in batches:
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        plain.append(loss.item())
+    assert len(losses) == 8
+    for step, (ours, theirs) in enumerate(zip(losses, plain)):
+        assert math.isclose(ours[0], theirs, rel_tol=1e-6), f"step {step}: {ours[0]} != {theirs}"
+    for (name, a), b in zip(run.module.net.gpt.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_same_seed_same_curve_other_seed_other_curve(make_cfg):
+    _, a, _ = fit(make_cfg("chunks=2", "model.dropout=0.1"))
+    _, b, _ = fit(make_cfg("chunks=2", "model.dropout=0.1"))
+    _, c, _ = fit(make_cfg("chunks=2", "model.dropout=0.1", "seed=1"))
+    assert a == b
+    assert a != c
+
+
+def test_validation_runs_at_the_last_step(make_cfg):
+    # 7 steps with validation every 3: Lightning alone would validate at steps 3 and 6 only.
+    run, _, _ = fit(make_cfg("chunks=2", "trainer.max_steps=7"))
+    assert run.trainer.global_step == 7
+    logged = run.trainer.logged_metrics
+    assert {"val/loss/chunk1", "val/loss/chunk2", "val/bpc/chunk2", "val/loss"} <= set(logged)
+    assert run.module.final_val is not None
+    torch.testing.assert_close(logged["val/bpc/chunk2"], logged["val/loss/chunk2"] / math.log(2))
