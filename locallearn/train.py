@@ -11,7 +11,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from locallearn.chunked import ChunkedGPT
@@ -32,6 +33,16 @@ class Run:
     module: LocalLearner
     trainer: L.Trainer
     output_dir: Path
+
+
+def instantiate(node, *args, **kwargs):
+    """``hydra.utils.instantiate``, letting our one-sentence :class:`ConfigError` through unwrapped."""
+    try:
+        return hydra_instantiate(node, *args, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
 
 
 def _check_schedule(cfg: DictConfig):
