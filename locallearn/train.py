@@ -107,6 +107,8 @@ def train(cfg: DictConfig) -> dict:
     quiet_lightning()
     run = build(cfg)
     run.output_dir.mkdir(parents=True, exist_ok=True)
+    # Hydra's .hydra/config.yaml keeps interpolations; this one holds the values the run used.
+    OmegaConf.save(cfg, run.output_dir / "config.yaml", resolve=True)
     run.datamodule.save_vocab(run.output_dir)
     log.info(run.datamodule.describe())
     log.info("chunk plan (%s mode):\n%s", cfg.mode, run.module.net.plan.describe())

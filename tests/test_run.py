@@ -1,12 +1,15 @@
 """End-to-end runs through the real Hydra config: outputs, resume, multirun."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 
 from locallearn.config import PROJECT_ROOT
 from locallearn.train import train
@@ -37,6 +40,8 @@ def test_run_writes_summary_events_checkpoints_and_vocab(make_cfg):
     assert {"best.ckpt", "last.ckpt"} <= {f.name for f in (out / "checkpoints").iterdir()}
     vocab = json.loads((out / "vocab.json").read_text())
     assert len(vocab["tokens"]) == on_disk["vocab_size"]
+    resolved = OmegaConf.load(out / "config.yaml")
+    assert resolved.data.block_size == 16 and resolved.chunks == 2  # interpolations resolved
 
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
@@ -44,7 +49,13 @@ def test_run_writes_summary_events_checkpoints_and_vocab(make_cfg):
     for k in (1, 2):
         assert {f"train/loss/chunk{k}", f"val/loss/chunk{k}", f"val/bpc/chunk{k}", f"train/lr/chunk{k}"} <= tags
     assert "train/tokens_per_s" in tags
-    assert "custom_scalars__config__" in acc.Tags()["tensors"]  # per-chunk curves share charts
+    # every chunk's curve of one metric on one chart
+    layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {c.title: c.multiline.tag for cat in layout.category for c in cat.chart}
+    for tag in tags:
+        matching = [title for title, regexes in charts.items() if any(re.match(r, tag) for r in regexes)]
+        per_chunk = re.match(r"^(train|val)/.*/chunk\d+$", tag) is not None
+        assert len(matching) == int(per_chunk), (tag, matching)
     assert len(scalars(out, "train/loss/chunk2")) == 6
 
 
