@@ -30,9 +30,10 @@ def measure(cfg: GPTConfig, chunks: int, mode: str, batch: int, seed: int = 0) -
     net = ChunkedGPT(GPT(cfg), ChunkPlan.build(cfg.n_layer, chunks), LinearHead)
     x = torch.randint(cfg.vocab_size, (batch, cfg.block_size + 1))
     objective = CausalLM()
-    idx, targets = objective.prepare(x)
+    prepared = objective.prepare(x)
     with SavedTensorMeter(net.parameters()) as meter:
-        MODES[mode](net, idx, targets, objective.loss, lambda loss: loss.backward())
+        MODES[mode](net, prepared.idx, lambda k, h, logits: objective.loss(logits, h, prepared),
+                    lambda loss: loss.backward(), [1.0] * chunks)
     return meter.peak
 
 

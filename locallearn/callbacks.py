@@ -73,6 +73,9 @@ class RunSummary(L.Callback):
             "config": {k: config[k] for k in SUMMARY_CONFIG_KEYS if k in config},
             "chunks": len(plan),
             "layers": [list(c.layers) for c in plan],
+            "trained_layers": [list(c.trained) for c in plan],
+            "loss_weights": pl_module.loss_weights,
+            "switch_step": pl_module.switch_step,
             "val_loss": {f"chunk{k + 1}": v for k, v in enumerate(final)} if final else None,
             "best_val_loss": pl_module.best_val if final else None,
             "steps": steps,
@@ -82,6 +85,7 @@ class RunSummary(L.Callback):
             "tokens_per_s": (pl_module.train_steps_timed * tokens_per_step / pl_module.train_seconds
                              if pl_module.train_seconds and tokens_per_step else None),
             "parameters": {f"chunk{k + 1}": c for k, c in enumerate(counts)},
+            "flops_per_token": {f"chunk{k + 1}": f for k, f in enumerate(pl_module.flops_per_token or [])},
             "parameters_total": sum(p.numel() for p in pl_module.parameters()),
             "activation_bytes_peak": pl_module.activation_bytes,
             "cuda_peak_allocated_bytes": pl_module.cuda_peak_bytes,

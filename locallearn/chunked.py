@@ -3,11 +3,15 @@
 ``forward_chunk`` holds the package's single gradient cut: every chunk but the first starts from
 a detached copy of its input, so the chunk's local loss can only reach that chunk's parameters and
 its head. With one chunk there is nothing to cut and the pass is ordinary end-to-end backprop.
+With ``overlap`` the cut moves down into the previous chunk, and with ``local = False`` (the global
+phase after a local-to-global switch) there is no cut at all.
 """
 
 from collections.abc import Callable
 
+import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from locallearn.chunking import ChunkPlan
 from locallearn.model import GPT
@@ -16,58 +20,104 @@ from locallearn.model import GPT
 class ChunkedGPT(nn.Module):
     """A GPT split by a :class:`ChunkPlan`.
 
-    ``forward_chunk(k, x)``: chunk k's input (token ids (B, T) for k = 0, else the previous
-    chunk's output (B, T, C)) -> (its output (B, T, C), its head's logits (B, T, V)).
+    ``forward_chunk(k, x)``: chunk k's input (token ids (B, T) for k = 0, else the hand-off dict
+    returned by chunk k-1) -> (hand-off for chunk k+1, its output h (B, T, C), its head's logits (B, T, V)).
+    ``make_head(cfg)`` builds the auxiliary heads; ``make_extra(cfg)`` (optional) builds one more
+    module per chunk that the objective needs (the span-boundary network).
     """
 
-    def __init__(self, gpt: GPT, plan: ChunkPlan, make_head: Callable[..., nn.Module]):
+    def __init__(self, gpt: GPT, plan: ChunkPlan, make_head: Callable[..., nn.Module],
+                 make_extra: Callable[..., nn.Module | None] | None = None):
         super().__init__()
         cfg = gpt.config
         if plan.n_layer != cfg.n_layer:
             raise ValueError(f"the chunk plan covers {plan.n_layer} blocks but the model has {cfg.n_layer}")
         self.gpt = gpt
         self.plan = plan
-        self.aux_heads = nn.ModuleList(
-            make_head(n_embd=cfg.n_embd, vocab_size=cfg.vocab_size, bias=cfg.bias) for _ in plan.chunks[:-1]
-        )
+        self.aux_heads = nn.ModuleList(make_head(cfg) for _ in plan.chunks[:-1])
+        extras = [make_extra(cfg) for _ in plan.chunks] if make_extra else []
+        self.extra = nn.ModuleList(extras) if extras and all(m is not None for m in extras) else None
+        self.local = True  # False in the global phase: gradients cross chunk boundaries
 
     def __len__(self) -> int:
         return len(self.plan)
 
-    def forward_chunk(self, k: int, x):
-        if k == 0:
-            h = self.gpt.embed(x)  # (B, T, C)
-        else:
-            h = x.detach()  # the gradient cut: no gradient crosses a chunk boundary
-        for i in self.plan[k].layers:
+    def _input(self, k: int, handoff: dict):
+        chunk = self.plan[k]
+        own = handoff[chunk.start]  # the previous chunk's output
+        if not self.local:
+            return own
+        h = handoff[chunk.cut].detach()  # the gradient cut: no gradient crosses it
+        if chunk.cut == chunk.start:
+            return h
+        for i in range(chunk.cut, chunk.start):  # overlap: recompute the previous chunk's last blocks
             h = self.gpt.blocks[i](h)
-        return h, self.head(k, h)
+        # The value handed on is the previous chunk's own output; the gradient goes through the recomputation.
+        return own.detach() + (h - h.detach())
+
+    def forward_chunk(self, k: int, x):
+        chunk = self.plan[k]
+        h = self.gpt.embed(x) if k == 0 else self._input(k, x)  # (B, T, C)
+        keep = {self.plan[k + 1].cut, self.plan[k + 1].start} if k + 1 < len(self.plan) else set()
+        handoff = {chunk.start: h} if chunk.start in keep else {}  # an overlap that spans this whole chunk
+        for i in chunk.layers:
+            h = self.gpt.blocks[i](h)
+            if i + 1 in keep:
+                handoff[i + 1] = h
+        return handoff, h, self.head(k, h)
 
     def head(self, k: int, h):
         """(B, T, C) -> (B, T, V) through chunk k's head."""
         return self.gpt.head(h) if k == len(self.plan) - 1 else self.aux_heads[k](h)
 
     def forward(self, idx):
-        """(B, T) token ids -> list of every chunk's logits (B, T, V), first chunk first."""
-        out, h = [], idx
+        """(B, T) token ids -> [(h, logits) of every chunk], first chunk first."""
+        out, x = [], idx
         for k in range(len(self.plan)):
-            h, logits = self.forward_chunk(k, h)
-            out.append(logits)
+            x, h, logits = self.forward_chunk(k, x)
+            out.append((h, logits))
         return out
 
     def trunk_modules(self, k: int) -> list[nn.Module]:
-        """The model pieces chunk k trains (its blocks, and the embedding for chunk 1)."""
+        """The model pieces chunk k owns (its blocks, and the embedding for chunk 1)."""
         mods = [self.gpt.blocks[i] for i in self.plan[k].layers]
         return ([self.gpt.wte, self.gpt.wpe] if k == 0 else []) + mods
 
     def head_modules(self, k: int) -> list[nn.Module]:
-        return [self.gpt.ln_f, self.gpt.lm_head] if k == len(self.plan) - 1 else [self.aux_heads[k]]
+        """Chunk k's head, and its objective module if there is one."""
+        head = [self.gpt.ln_f, self.gpt.lm_head] if k == len(self.plan) - 1 else [self.aux_heads[k]]
+        return head + ([self.extra[k]] if self.extra is not None else [])
 
     def chunk_parameters(self, k: int) -> list[nn.Parameter]:
-        """Every parameter chunk k's local loss trains: its trunk and its head."""
+        """The parameters chunk k owns: its trunk and its head (its optimizer param group)."""
         return [p for m in self.trunk_modules(k) + self.head_modules(k) for p in m.parameters()]
+
+    def trained_parameters(self, k: int) -> list[nn.Parameter]:
+        """Every parameter chunk k's local loss reaches: its own and those of the blocks it overlaps."""
+        chunk = self.plan[k]
+        overlapped = [p for i in range(chunk.cut, chunk.start) for p in self.gpt.blocks[i].parameters()]
+        return overlapped + self.chunk_parameters(k)
 
     def parameter_counts(self) -> list[dict[str, int]]:
         """Per chunk: number of trunk and head parameters."""
         count = lambda mods: sum(p.numel() for m in mods for p in m.parameters())  # noqa: E731
         return [{"trunk": count(self.trunk_modules(k)), "head": count(self.head_modules(k))} for k in range(len(self))]
+
+    @torch.no_grad()
+    def flops_per_token(self, T: int) -> list[dict[str, float]]:
+        """Per chunk: forward FLOPs per token of its trunk (overlap recomputation included) and of its
+        head, counted by torch's FlopCounterMode on one sequence of length T."""
+        was_training = self.training
+        self.eval()
+        x = torch.zeros(1, T, dtype=torch.long, device=self.gpt.wte.weight.device)
+        out = []
+        for k in range(len(self.plan)):
+            with FlopCounterMode(display=False) as whole:
+                nxt, h, _ = self.forward_chunk(k, x)
+            with FlopCounterMode(display=False) as head:
+                self.head(k, h)
+            out.append({"trunk": (whole.get_total_flops() - head.get_total_flops()) / T,
+                        "head": head.get_total_flops() / T})
+            x = nxt
+        self.train(was_training)
+        return out

@@ -15,10 +15,17 @@ class Chunk:
     index: int  # position in the plan, from 0
     start: int  # first block of the chunk
     end: int  # one past its last block
+    cut: int  # where its gradient is cut: `start`, or earlier when it overlaps the previous chunk
 
     @property
     def layers(self) -> range:
+        """The blocks the chunk owns (and its optimizer param group holds)."""
         return range(self.start, self.end)
+
+    @property
+    def trained(self) -> range:
+        """The blocks its local loss trains: its own and the overlapped ones of the previous chunk."""
+        return range(self.cut, self.end)
 
     @property
     def name(self) -> str:
@@ -31,8 +38,13 @@ class ChunkPlan:
     chunks: tuple[Chunk, ...]
 
     @classmethod
-    def build(cls, n_layer: int, chunks: int | None = None, boundaries: Sequence[int] | None = None) -> "ChunkPlan":
-        """``chunks=K`` balanced split, or explicit ``boundaries`` (first block of every chunk but the first)."""
+    def build(cls, n_layer: int, chunks: int | None = None, boundaries: Sequence[int] | None = None,
+              overlap: int = 0) -> "ChunkPlan":
+        """``chunks=K`` balanced split, or explicit ``boundaries`` (first block of every chunk but the first).
+
+        ``overlap=o``: each chunk's local loss also trains the last o blocks of the previous chunk
+        (overlapping local parallelism, Laskin et al. 2020).
+        """
         if boundaries is not None:
             cuts = cls._check_boundaries(n_layer, list(boundaries))
             if chunks is not None and chunks != len(cuts) + 1:
@@ -45,7 +57,27 @@ class ChunkPlan:
                 raise ConfigError("chunks=null needs chunking.boundaries=[...]; pass chunks=K or the boundaries.")
             cuts = cls._balanced(n_layer, chunks)
         edges = [0, *cuts, n_layer]
-        return cls(n_layer, tuple(Chunk(i, a, b) for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))))
+        spans = list(zip(edges[:-1], edges[1:]))
+        cls._check_overlap(overlap, spans)
+        return cls(n_layer, tuple(Chunk(i, a, b, a - overlap if i else a) for i, (a, b) in enumerate(spans)))
+
+    @staticmethod
+    def _check_overlap(overlap, spans):
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+            raise ConfigError(f"overlap={overlap} must be a whole number of blocks, 0 or more.")
+        if overlap and len(spans) == 1:
+            raise ConfigError(
+                f"overlap={overlap} needs at least two chunks (there is no previous chunk to reach into); "
+                f"pass chunks>=2 or overlap=0."
+            )
+        for i, (a, b) in enumerate(spans[:-1]):
+            # Reaching all of the previous chunk is allowed (one-block chunks with overlap=1, as in
+            # Laskin et al.); reaching past it would need a chunk's gradient in two earlier chunks.
+            if overlap > b - a:
+                raise ConfigError(
+                    f"overlap={overlap} reaches past chunk{i + 1} ({b - a} block(s)) into the chunk "
+                    f"before it; the overlap may cover at most the previous chunk, so use overlap<={b - a}."
+                )
 
     @staticmethod
     def _balanced(n_layer: int, k) -> list[int]:
@@ -95,5 +127,6 @@ class ChunkPlan:
         lines = []
         for c in self.chunks:
             blocks = f"block {c.start}" if c.end - c.start == 1 else f"blocks {c.start}-{c.end - 1}"
-            lines.append(f"{c.name}: {'embedding + ' if c.index == 0 else ''}{blocks}")
+            extra = f" (its loss also trains block(s) {c.cut}-{c.start - 1})" if c.cut < c.start else ""
+            lines.append(f"{c.name}: {'embedding + ' if c.index == 0 else ''}{blocks}{extra}")
         return "\n".join(lines)

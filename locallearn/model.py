@@ -25,6 +25,7 @@ class GPTConfig:
     vocab_size: int = 256  # number of token ids (set from the data at run time)
     dropout: float = 0.0  # dropout on embeddings, attention and residual branches
     bias: bool = True  # biases in Linear layers and LayerNorms
+    causal: bool = True  # causal attention (clm); False for bidirectional objectives (mlm, span)
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -39,12 +40,12 @@ class GPTConfig:
             raise ConfigError(f"model.dropout={self.dropout} must lie in [0, 1).")
 
 
-class CausalSelfAttention(nn.Module):
-    """(B, T, C) -> (B, T, C): multi-head causal self-attention."""
+class SelfAttention(nn.Module):
+    """(B, T, C) -> (B, T, C): multi-head self-attention, causal unless ``cfg.causal`` is False."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.causal = cfg.n_head, cfg.causal
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
@@ -56,7 +57,7 @@ class CausalSelfAttention(nn.Module):
         # (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.c_proj(y))
 
@@ -80,7 +81,7 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = SelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
@@ -90,7 +91,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+    """Token ids (B, T) -> logits (B, T, vocab_size): next-token with causal attention, else per-position."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()

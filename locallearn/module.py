@@ -16,8 +16,21 @@ import torch
 from torchmetrics import MeanMetric
 
 from locallearn.chunked import ChunkedGPT
-from locallearn.execution import get_step
+from locallearn.errors import ConfigError
+from locallearn.execution import get_step, joint_step
 from locallearn.memory import SavedTensorMeter
+from locallearn.objectives import IGNORE
+from locallearn.switch import EWC, Switch
+
+
+def check_loss_weights(weights, K: int) -> list[float]:
+    if weights is None:
+        return [1.0] * K
+    weights = [float(w) for w in weights]
+    if len(weights) != K or any(w < 0 for w in weights) or not any(weights):
+        raise ConfigError(f"loss_weights={weights} must hold {K} non-negative numbers (one per chunk), "
+                          f"not all zero.")
+    return weights
 
 
 class LocalLearner(L.LightningModule):
@@ -25,20 +38,29 @@ class LocalLearner(L.LightningModule):
 
     Args:
         net: the chunked model.
-        objective: turns batches and logits into losses (``prepare``, ``loss``).
+        objective: turns batches and outputs into losses (see :mod:`locallearn.objectives`).
         mode: ``joint`` or ``sequential`` (see :mod:`locallearn.execution`).
         optimizer: partial optimizer, called with the param groups.
         scheduler: partial LR scheduler, called with the optimizer and ``total_steps``; or None.
         grad_clip: max gradient norm per chunk; None or 0 disables clipping.
+        loss_weights: one weight per chunk's local loss (default: all 1).
+        switch: when (if ever) to switch from local to global training, and how.
+        seed: seeds the objective's masking (per step in training; validation masks are fixed).
         config: the resolved run config, stored in checkpoints and summaries.
     """
 
     def __init__(self, net: ChunkedGPT, objective, mode: str = "joint", optimizer: Callable | None = None,
-                 scheduler: Callable | None = None, grad_clip: float | None = 1.0, config: dict | None = None):
+                 scheduler: Callable | None = None, grad_clip: float | None = 1.0,
+                 loss_weights: list[float] | None = None, switch: Switch | None = None, seed: int = 0,
+                 config: dict | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.net, self.objective, self.mode = net, objective, mode
         self.step_fn = get_step(mode)
+        self.loss_weights = check_loss_weights(loss_weights, len(net))
+        self.switch = switch or Switch()
+        self.seed = seed
+        self.ewc: EWC | None = None
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.scheduler_factory = scheduler
         self.grad_clip = grad_clip or None
@@ -49,6 +71,7 @@ class LocalLearner(L.LightningModule):
         self.best_val: float = math.inf  # last chunk
         self.activation_bytes: int | None = None  # peak bytes saved for backward in one step
         self.cuda_peak_bytes: int | None = None
+        self.flops_per_token: list[dict[str, float]] | None = None  # forward, per chunk: trunk and head
         self.train_seconds = 0.0  # time spent in training steps (not validation) in this process
         self.train_steps_timed = 0
         self._measure_next = True
@@ -76,14 +99,64 @@ class LocalLearner(L.LightningModule):
         limit = self.grad_clip if self.grad_clip else math.inf
         return [torch.nn.utils.clip_grad_norm_(self.net.chunk_parameters(k), limit) for k in range(len(self.net))]
 
+    # -- the local-to-global switch -------------------------------------------------------------
+    @property
+    def switch_step(self) -> int | None:
+        return self.switch.step(self.trainer.max_steps) if self._trainer is not None else None
+
+    def is_global(self, step: int) -> bool:
+        at = self.switch_step
+        return at is not None and step >= at
+
+    def _earlier_chunk_params(self) -> dict[str, torch.nn.Parameter]:
+        names = {id(p): n for n, p in self.net.named_parameters()}
+        trunk = [p for k in range(len(self.net) - 1) for m in self.net.trunk_modules(k) for p in m.parameters()]
+        return {names[id(p)]: p for p in trunk}
+
+    def _start_global_phase(self, prepared):
+        """At the switch: estimate each earlier chunk's Fisher on this batch, one sequence at a time."""
+        if self.switch.ewc_lambda > 0 and len(self.net) > 1 and self.ewc is None:
+            params = self._earlier_chunk_params()
+
+            def per_sequence_losses():
+                for b in range(prepared.idx.shape[0]):
+                    one = type(prepared)(*(t[b:b + 1] if t is not None else None for t in vars(prepared).values()))
+                    outs = self.net(one.idx)  # still local: chunk k's loss reaches only chunk k
+                    yield sum(self._loss(k, h, logits, one) for k, (h, logits) in enumerate(outs[:-1]))
+
+            self.ewc = EWC.estimate(params, per_sequence_losses())
+        self.net.local = False
+
+    # -- training ---------------------------------------------------------------------------------
+    def _loss(self, k, h, logits, prepared):
+        extra = self.net.extra[k] if self.net.extra is not None else None
+        return self.objective.loss(logits, h, prepared, extra)
+
+    def _generator(self, step: int, train: bool) -> torch.Generator:
+        # Training masks depend on (seed, step), so a resumed run masks exactly as the uninterrupted
+        # one; validation masks depend on the batch only, so every evaluation scores the same task.
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) if train else 998_244_353 + step)
+
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
-        idx, targets = self.objective.prepare(batch)
-        self._batch_tokens = targets.numel()
+        prepared = self.objective.prepare(batch, self._generator(self.global_step, train=True))
+        self._batch_tokens = prepared.idx.numel()
+        global_phase = self.is_global(self.global_step)
+        if global_phase and self.net.local:
+            self._start_global_phase(prepared)
         opt.zero_grad(set_to_none=True)
+        loss_fn = lambda k, h, logits: self._loss(k, h, logits, prepared)  # noqa: E731
         meter = SavedTensorMeter(self.net.parameters()) if self._measure_next else nullcontext()
         with meter:
-            losses = self.step_fn(self.net, idx, targets, self.objective.loss, self.manual_backward)
+            if global_phase:
+                K = len(self.net)
+                weights = [self.switch.aux_weight] * (K - 1) + [self.loss_weights[-1]]
+                penalty = self.ewc.penalty(self.switch.ewc_lambda) if self.ewc is not None else None
+                losses = joint_step(self.net, prepared.idx, loss_fn, self.manual_backward, weights, penalty)
+                if penalty is not None:
+                    self.log("train/ewc_penalty", penalty.detach())
+            else:
+                losses = self.step_fn(self.net, prepared.idx, loss_fn, self.manual_backward, self.loss_weights)
         if self._measure_next:
             self.activation_bytes, self._measure_next = meter.peak, False
         norms = self._clip()
@@ -96,6 +169,8 @@ class LocalLearner(L.LightningModule):
             self.log(f"train/grad_norm/chunk{k + 1}", norm)
         for group in opt.param_groups[::2]:  # one group per chunk is enough: both share the LR
             self.log(f"train/lr/chunk{group['chunk'] + 1}", group["lr"])
+        if self.switch.at is not None:
+            self.log("train/global_phase", float(global_phase))
         return {f"chunk{k + 1}": loss for k, loss in enumerate(losses)}
 
     # -- timing: tokens/s over training steps only -------------------------------------------------
@@ -116,6 +191,7 @@ class LocalLearner(L.LightningModule):
             self.trainer.should_stop = True
 
     def on_fit_start(self):
+        self.flops_per_token = self.net.flops_per_token(self.net.gpt.config.block_size)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -125,9 +201,10 @@ class LocalLearner(L.LightningModule):
 
     # -- validation -------------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
-        idx, targets = self.objective.prepare(batch)
-        for k, logits in enumerate(self.net(idx)):
-            self.val_loss[k].update(self.objective.loss(logits, targets), weight=targets.numel())
+        prepared = self.objective.prepare(batch, self._generator(batch_idx, train=False))
+        weight = int((prepared.targets != IGNORE).sum())
+        for k, (h, logits) in enumerate(self.net(prepared.idx)):
+            self.val_loss[k].update(self._loss(k, h, logits, prepared), weight=weight)
 
     def on_validation_epoch_end(self):
         K = len(self.net)
@@ -150,6 +227,8 @@ class LocalLearner(L.LightningModule):
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["best_val"] = self.best_val
+        if self.ewc is not None:
+            checkpoint["ewc"] = self.ewc.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
         rng = checkpoint.get("rng", {})
@@ -158,3 +237,11 @@ class LocalLearner(L.LightningModule):
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.best_val = checkpoint.get("best_val", math.inf)
+        if "ewc" in checkpoint:
+            self.ewc = EWC.from_state(self._earlier_chunk_params(), checkpoint["ewc"])
+
+    def on_train_start(self):
+        # A run resumed after the switch step continues without the cut (its EWC anchor comes from the
+        # checkpoint); one resumed exactly at the switch step makes the switch in its first step.
+        at = self.switch_step
+        self.net.local = at is None or self.global_step <= at

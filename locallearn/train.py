@@ -20,7 +20,8 @@ from locallearn.chunking import ChunkPlan
 from locallearn.errors import ConfigError
 from locallearn.execution import get_step
 from locallearn.model import GPT
-from locallearn.module import LocalLearner
+from locallearn.module import LocalLearner, check_loss_weights
+from locallearn.switch import Switch
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,21 @@ def build(cfg: DictConfig) -> Run:
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     get_step(cfg.mode)
+    objective = instantiate(cfg.objective)
     model_cfg = instantiate(cfg.model, vocab_size=1)  # checks the shape settings before the data loads
-    plan = ChunkPlan.build(model_cfg.n_layer, cfg.chunks, cfg.chunking.get("boundaries"))
+    if model_cfg.causal != objective.causal:
+        raise ConfigError(
+            f"model.causal={model_cfg.causal} does not match objective={objective.name}, which needs "
+            f"{'causal' if objective.causal else 'bidirectional'} attention; drop the model.causal override "
+            f"(it follows the objective)."
+        )
+    chunking = cfg.chunking
+    if chunking.get("greedy") and cfg.chunks != model_cfg.n_layer:
+        raise ConfigError(f"chunking=greedy trains one chunk per block (chunks=model.n_layer={model_cfg.n_layer}) "
+                          f"but chunks={cfg.chunks}; drop the chunks override or use chunking=chunked.")
+    plan = ChunkPlan.build(model_cfg.n_layer, cfg.chunks, chunking.get("boundaries"), cfg.overlap)
+    check_loss_weights(cfg.get("loss_weights"), len(plan))
+    switch = Switch(**cfg.get("switch", {}))
     if cfg.data.block_size > model_cfg.block_size:
         raise ConfigError(
             f"data.block_size={cfg.data.block_size} exceeds model.block_size={model_cfg.block_size}; "
@@ -68,18 +82,23 @@ def build(cfg: DictConfig) -> Run:
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file to resume from.")
     _check_schedule(cfg)
+    make_head = instantiate(cfg.head)
 
     datamodule = instantiate(cfg.data)
-    model_cfg.vocab_size = datamodule.vocab_size
+    objective.bind(datamodule.vocab_size)
+    model_cfg.vocab_size = datamodule.vocab_size + objective.extra_tokens
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the weights' init does not depend on the data
-    net = ChunkedGPT(GPT(model_cfg), plan, instantiate(cfg.head))
+    net = ChunkedGPT(GPT(model_cfg), plan, make_head, objective.chunk_module)
     module = LocalLearner(
         net,
-        instantiate(cfg.objective),
+        objective,
         mode=cfg.mode,
         optimizer=instantiate(cfg.optim),
         scheduler=instantiate(cfg.schedule) if cfg.get("schedule") is not None else None,
         grad_clip=cfg.grad_clip,
+        loss_weights=cfg.get("loss_weights"),
+        switch=switch,
+        seed=cfg.seed,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

@@ -14,13 +14,17 @@ from locallearn.model import GPT, GPTConfig
 TINY = GPTConfig(n_layer=4, n_head=2, n_embd=16, block_size=16, vocab_size=32)
 
 
-def make_net(cfg=TINY, chunks=2, seed=0):
+def make_net(cfg=TINY, chunks=2, seed=0, overlap=0):
     torch.manual_seed(seed)
-    return ChunkedGPT(GPT(cfg), ChunkPlan.build(cfg.n_layer, chunks), LinearHead)
+    return ChunkedGPT(GPT(cfg), ChunkPlan.build(cfg.n_layer, chunks, overlap=overlap), LinearHead)
 
 
 def lm_loss(logits, targets):
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def chunk_loss(targets):
+    return lambda k, h, logits: lm_loss(logits, targets)
 
 
 def batch(cfg=TINY, B=4, seed=1):
@@ -37,7 +41,7 @@ def test_local_loss_reaches_only_its_chunk(chunks):
     assert len(owner) == sum(1 for _ in net.parameters()), "every parameter belongs to exactly one chunk"
     for k in range(chunks):
         net.zero_grad(set_to_none=True)
-        logits = net(idx)[k]
+        _, logits = net(idx)[k]
         lm_loss(logits, targets).backward()
         for name, p in net.named_parameters():
             if owner[id(p)] == k:
@@ -57,7 +61,7 @@ def test_embedding_belongs_to_chunk_one_and_lm_head_to_the_last():
 def test_one_chunk_is_the_plain_model():
     net = make_net(chunks=1)
     idx, _ = batch()
-    (logits,) = net(idx)
+    ((_, logits),) = net(idx)
     torch.testing.assert_close(logits, net.gpt(idx), rtol=0, atol=0)
 
 
@@ -66,7 +70,7 @@ def test_joint_and_sequential_give_the_same_gradients():
     grads = {}
     for name, step in (("joint", joint_step), ("sequential", sequential_step)):
         net = make_net(chunks=3)
-        losses = step(net, idx, targets, lm_loss, lambda loss: loss.backward())
+        losses = step(net, idx, chunk_loss(targets), lambda loss: loss.backward(), [1.0] * 3)
         grads[name] = ([p.grad.clone() for p in net.parameters()], torch.stack(losses))
     for gj, gs in zip(grads["joint"][0], grads["sequential"][0]):
         torch.testing.assert_close(gj, gs, rtol=0, atol=0)
@@ -77,7 +81,7 @@ def saved_bytes(chunks, step, cfg, B=12):
     net = make_net(cfg, chunks=chunks)
     idx, targets = batch(cfg, B=B)
     with SavedTensorMeter(net.parameters()) as meter:
-        step(net, idx, targets, lm_loss, lambda loss: loss.backward())
+        step(net, idx, chunk_loss(targets), lambda loss: loss.backward(), [1.0] * chunks)
     assert meter.live == 0, "every saved tensor is released after backward"
     return meter.peak
 
@@ -101,3 +105,47 @@ def test_meter_counts_activations_not_parameters():
         assert meter.live == 2 * 50 * 100 * 4  # the linear's input and the relu's output, fp32
         y.backward()
     assert meter.live == 0 and meter.peak == 2 * 50 * 100 * 4
+
+
+@pytest.mark.parametrize(("chunks", "overlap"), [(2, 1), (4, 1), (2, 2)])
+def test_overlap_routes_gradient_to_both_losses_and_nothing_below_the_cut(chunks, overlap):
+    cfg = GPTConfig(n_layer=4, n_head=2, n_embd=16, block_size=16, vocab_size=32)
+    net = make_net(cfg, chunks=chunks, overlap=overlap)
+    idx, targets = batch(cfg)
+    block_of = {id(p): i for i, b in enumerate(net.gpt.blocks) for p in b.parameters()}
+    for k, chunk in enumerate(net.plan):
+        net.zero_grad(set_to_none=True)
+        _, logits = net(idx)[k]
+        lm_loss(logits, targets).backward()
+        reached = {id(p) for p in net.trained_parameters(k)}
+        for name, p in net.named_parameters():
+            if id(p) in reached:
+                assert p.grad is not None and p.grad.abs().sum() > 0, f"chunk {k + 1}'s loss missed {name}"
+            else:
+                assert p.grad is None, f"chunk {k + 1}'s loss reached {name} below its cut"
+        trained_blocks = {block_of[i] for i in reached if i in block_of}
+        assert trained_blocks == set(chunk.trained)
+        if k:
+            assert chunk.cut == chunk.start - overlap
+    # an overlapped block learns from exactly two losses
+    both = [k for k in range(chunks) if set(net.plan[k].trained) & {net.plan[0].end - 1}]
+    assert both == [0, 1]
+
+
+def test_overlap_does_not_change_what_is_handed_on():
+    cfg = GPTConfig(n_layer=4, n_head=2, n_embd=16, block_size=16, vocab_size=32)
+    plain, over = make_net(cfg, chunks=4), make_net(cfg, chunks=4, overlap=1)
+    idx, _ = batch(cfg)
+    for (h0, l0), (h1, l1) in zip(plain(idx), over(idx)):
+        torch.testing.assert_close(h0, h1, rtol=0, atol=0)
+        torch.testing.assert_close(l0, l1, rtol=0, atol=0)
+
+
+def test_global_mode_lets_the_last_loss_reach_every_chunk():
+    net = make_net(chunks=3)
+    idx, targets = batch()
+    net.local = False
+    _, logits = net(idx)[-1]
+    lm_loss(logits, targets).backward()
+    assert net.gpt.wte.weight.grad is not None and net.gpt.blocks[0].attn.c_attn.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in net.aux_heads.parameters())

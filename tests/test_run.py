@@ -59,10 +59,19 @@ def test_run_writes_summary_events_checkpoints_and_vocab(make_cfg):
     assert len(scalars(out, "train/loss/chunk2")) == 6
 
 
-def test_resume_continues_exactly_where_the_run_stopped(make_cfg):
-    straight = make_cfg("chunks=2", "model.dropout=0.1")
+@pytest.mark.parametrize(
+    "variant",
+    [
+        [],
+        ["objective=span"],  # masks drawn by step
+        ["switch.at=0.5", "switch.ewc_lambda=10"],  # the checkpoint at step 3 is the switch step: EWC after resume
+    ],
+    ids=["plain", "span", "switch+ewc"],
+)
+def test_resume_continues_exactly_where_the_run_stopped(make_cfg, variant):
+    straight = make_cfg("chunks=2", "model.dropout=0.1", *variant)
     train(straight)
-    crashed = make_cfg("chunks=2", "model.dropout=0.1", "+callbacks.crash._target_=conftest.CrashAt",
+    crashed = make_cfg("chunks=2", "model.dropout=0.1", *variant, "+callbacks.crash._target_=conftest.CrashAt",
                        "+callbacks.crash.step=4")
     with pytest.raises(RuntimeError, match="planted failure at step 4"):
         train(crashed)
@@ -71,7 +80,7 @@ def test_resume_continues_exactly_where_the_run_stopped(make_cfg):
     assert failed["status"].startswith("failed: RuntimeError") and failed["steps"] == 4
     last = crashed_dir / "checkpoints" / "last.ckpt"  # written by the validation at step 3
 
-    resumed = make_cfg("chunks=2", "model.dropout=0.1", f"ckpt_path={last}")
+    resumed = make_cfg("chunks=2", "model.dropout=0.1", *variant, f"ckpt_path={last}")
     summary = train(resumed)
     assert summary["steps"] == 6
     want = scalars(Path(straight.paths.output_dir), "train/loss/chunk2")
