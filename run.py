@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 import locallearn  # noqa: F401  (registers the ${ll.*} resolvers conf/ uses)
+from locallearn.config import check_group_choices
 from locallearn.errors import ConfigError
 from locallearn.train import train
 
@@ -26,4 +27,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:  # before Hydra composes, so that an unknown option gets our one line, not Hydra's search path
+        check_group_choices(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -12,11 +12,15 @@
 """
 
 import hashlib
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from locallearn.errors import ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"
 
 
 def _tag(overrides: str | None) -> str:
@@ -30,3 +34,22 @@ def register_resolvers():
     OmegaConf.register_new_resolver("ll.root", lambda: str(PROJECT_ROOT), replace=True)
     OmegaConf.register_new_resolver("ll.tag", _tag, replace=True)
     OmegaConf.register_new_resolver("ll.sweep_tag", _tag, use_cache=True, replace=True)
+
+
+def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Raise a one-sentence :class:`ConfigError` for a command-line ``group=option`` naming no option.
+
+    Hydra would report it too, but as a multi-line message with its search path; this check runs
+    first, on the plain ``group=a,b`` forms (sweep functions such as ``choice(...)`` are left to Hydra).
+    """
+    for arg in overrides:
+        m = re.fullmatch(r"\+{0,2}(\w+)=([^()\[\]{}$*]*)", arg)
+        if not m or not (conf_dir / m.group(1)).is_dir():
+            continue
+        group, values = m.groups()
+        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        for value in values.split(","):
+            if value not in options and value != "null":
+                hint = f"choose one of {', '.join(options)}" if options else "it has no options yet"
+                raise ConfigError(f"{group}={value} is not an option of the {group} group; {hint} "
+                                  f"(the files in conf/{group}/).")

@@ -1,11 +1,15 @@
 """Variants through the real Hydra config: heads, objectives, greedy, overlap, loss weights, switch, EWC."""
 
+import subprocess
+import sys
+
 import lightning as L
 import pytest
 import torch
 
 from locallearn.chunked import ChunkedGPT
 from locallearn.chunking import ChunkPlan
+from locallearn.config import PROJECT_ROOT, check_group_choices
 from locallearn.errors import ConfigError
 from locallearn.heads import LinearHead
 from locallearn.model import GPT, GPTConfig
@@ -172,10 +176,27 @@ def test_bad_variant_settings_fail_before_training(make_cfg, overrides, expected
         assert part in msg, (part, msg)
 
 
-@pytest.mark.parametrize("group", ["head", "objective"])
-def test_unknown_head_or_objective_names_the_options(make_cfg, group):
-    from hydra.errors import MissingConfigException
+@pytest.mark.parametrize("arg", ["head=nonesuch", "objective=nonesuch", "objective=clm,nonesuch", "+head=nonesuch"])
+def test_unknown_head_or_objective_names_the_options(arg):
+    group = arg.lstrip("+").split("=")[0]
+    with pytest.raises(ConfigError) as info:
+        check_group_choices(["chunks=2", arg])
+    msg = str(info.value)
+    assert "\n" not in msg and f"{group}=nonesuch" in msg
+    options = {"head": "block, linear, mlp", "objective": "clm, mlm, span"}[group]
+    assert f"choose one of {options}" in msg, msg
 
-    with pytest.raises(MissingConfigException) as info:
-        make_cfg(f"{group}=nonesuch")
-    assert f"{group}/nonesuch" in str(info.value)
+
+@pytest.mark.parametrize("args", [["head=mlp"], ["objective=clm,mlm,span", "chunks=1,2"], ["head=null"],
+                                  ["objective=choice(clm,mlm)"], ["model.n_layer=2", "hydra.run.dir=x"]])
+def test_known_options_and_other_overrides_pass_the_group_check(args):
+    check_group_choices(args)
+
+
+def test_run_py_names_the_options_of_an_unknown_head_in_one_line():
+    proc = subprocess.run([sys.executable, "run.py", "head=nonesuch"], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0] == ("error: head=nonesuch is not an option of the head group; choose one of block, linear, "
+                        "mlp (the files in conf/head/).")
