@@ -54,6 +54,14 @@ def _check_schedule(cfg: DictConfig):
         instantiate(cfg.schedule)(dummy, total_steps=cfg.trainer.max_steps)
 
 
+def make_net(cfg: DictConfig, objective, vocab_size: int) -> ChunkedGPT:
+    """The chunked model ``cfg`` describes, for data of ``vocab_size`` tokens (``objective`` is bound to it)."""
+    objective.bind(vocab_size)
+    model_cfg = instantiate(cfg.model, vocab_size=vocab_size + objective.extra_tokens)
+    plan = ChunkPlan.build(model_cfg.n_layer, cfg.chunks, cfg.chunking.get("boundaries"), cfg.get("overlap", 0))
+    return ChunkedGPT(GPT(model_cfg), plan, instantiate(cfg.head), objective.chunk_module)
+
+
 def build(cfg: DictConfig) -> Run:
     """Seed, check and instantiate data, model, module and trainer. Nothing is trained yet."""
     output_dir = Path(cfg.paths.output_dir)
@@ -82,13 +90,10 @@ def build(cfg: DictConfig) -> Run:
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file to resume from.")
     _check_schedule(cfg)
-    make_head = instantiate(cfg.head)
 
     datamodule = instantiate(cfg.data)
-    objective.bind(datamodule.vocab_size)
-    model_cfg.vocab_size = datamodule.vocab_size + objective.extra_tokens
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the weights' init does not depend on the data
-    net = ChunkedGPT(GPT(model_cfg), plan, make_head, objective.chunk_module)
+    net = make_net(cfg, objective, datamodule.vocab_size)
     module = LocalLearner(
         net,
         objective,

@@ -10,6 +10,8 @@ import torch
 from locallearn.data import Grammar, SyntheticDataModule, TextDataModule, TokenDataModule
 from locallearn.data.synthetic import CATEGORIES, NUMBERS
 from locallearn.data.windows import RandomWindows, fixed_windows
+from locallearn.errors import ConfigError
+from tests.conftest import SHARED_DATA
 
 SMALL = dict(batch_size=8, block_size=16, n_train_tokens=20000, n_val_tokens=4000)
 CAT = {name: i for i, name in enumerate(CATEGORIES)}
@@ -276,3 +278,23 @@ def test_unigram_entropy_of_the_synthetic_corpus(dm):
     counts = torch.bincount(dm.train_tokens).double()
     p = counts[counts > 0] / len(dm.train_tokens)
     assert dm.unigram_entropy() == pytest.approx(float(-(p * p.log()).sum()))
+
+
+@pytest.mark.shared_data
+def test_ewt_data_is_the_treebank_sentences_joined_by_the_separator():
+    from locallearn.data.conllu import read_conllu
+    from locallearn.data.ewt import SEPARATOR, EWTDataModule
+
+    root = SHARED_DATA / "ud-english-ewt"
+    dm = EWTDataModule(root, batch_size=4, block_size=16)
+    text = "".join(dm.vocab[i] for i in dm.val_tokens.tolist())
+    dev = read_conllu(root / "en_ewt-ud-dev.conllu")
+    assert text == "".join(s.text + SEPARATOR for s in dev)
+    assert int((dm.train_tokens == dm.vocab.index(SEPARATOR)).sum()) == 12544  # one per train sentence
+
+
+def test_ewt_data_without_the_treebank_names_the_missing_files(tmp_path):
+    from locallearn.data.ewt import EWTDataModule
+
+    with pytest.raises(ConfigError, match=r"data.path=.* lacks .*en_ewt-ud-train.conllu.*point data.path at"):
+        EWTDataModule(tmp_path, batch_size=4, block_size=16)

@@ -1,0 +1,6 @@
+"""Probing: how good are each chunk's features, measured against the same depth of an end-to-end model.
+
+``tasks`` (labelled words), ``features`` (hidden states of a finished run), ``probes`` (classifiers
+with control tasks), ``cka`` (representation similarity) and ``report`` (CSV, plots, summary); the
+command line is ``analysis/probe.py``.
+"""

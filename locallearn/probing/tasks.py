@@ -1,0 +1,124 @@
+"""Probe tasks: labelled words in a token stream, split into probe-train / probe-dev / probe-test.
+
+* UD EWT (``upos``, ``deprel``): sentences of the CoNLL-U files joined exactly as ``data=ewt`` joins
+  them for training; a word is read at its last character.
+* synthetic (``category``, ``depth``): the grammar's latent labels, every token a word.
+
+A control task (Hewitt & Liang 2019) gives every word type a fixed random label drawn from the task's
+label distribution: a probe that scores well on it memorizes word identity instead of reading syntax.
+"""
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from locallearn.data.conllu import UPOS, read_conllu
+from locallearn.data.ewt import ewt_file, join_sentences
+from locallearn.data.synthetic import CATEGORIES, Grammar
+from locallearn.errors import ConfigError
+
+EWT_TASKS = ("upos", "deprel")
+SYNTHETIC_TASKS = ("category", "depth")
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass
+class Split:
+    """One split: the text or token stream, the positions of its words, their labels and word types."""
+
+    text: str | None  # character stream (EWT), or None for token streams
+    tokens: np.ndarray | None  # token ids (synthetic), or None for text
+    positions: np.ndarray  # (N,) index in the stream of each word's last character / token
+    labels: np.ndarray  # (N,) int label ids
+    types: list[str]  # (N,) word type of each word, for the control task
+
+
+@dataclass
+class ProbeTask:
+    name: str
+    source: str  # "ewt" or "synthetic": which streams the task reads
+    classes: list[str]
+    splits: dict[str, Split]
+
+    def control_labels(self, seed: int) -> dict[str, np.ndarray]:
+        """Per split, the control label of each word: one draw per word type from the train labels' distribution."""
+        counts = np.bincount(self.splits["train"].labels, minlength=len(self.classes)).astype(float)
+        rng = np.random.default_rng(seed)
+        types = sorted({t for s in self.splits.values() for t in s.types})
+        drawn = rng.choice(len(self.classes), size=len(types), p=counts / counts.sum())
+        table = dict(zip(types, drawn))
+        return {name: np.array([table[t] for t in s.types], dtype=np.int64) for name, s in self.splits.items()}
+
+
+def ewt_task(name: str, root, max_words: dict[str, int | None], seed: int = 0) -> ProbeTask:
+    """``upos`` (17 tags) or ``deprel`` (coarse relations) on EWT train / dev / test.
+
+    ``max_words[split]`` caps a split by taking a seeded random subset of its sentences (whole
+    sentences, so every word keeps its context); None keeps them all.
+    """
+    if name not in EWT_TASKS:
+        raise ConfigError(f"task={name} is not a UD EWT task; use one of {', '.join(EWT_TASKS)}.")
+    sentences = {s: read_conllu(_checked(ewt_file(root, s), root)) for s in SPLITS}
+    if name == "upos":
+        classes = list(UPOS)
+    else:
+        classes = sorted({r for s in sentences["train"] for r in s.deprel})
+    index = {c: i for i, c in enumerate(classes)}
+    rng = random.Random(seed)
+    splits = {}
+    for split, sents in sentences.items():
+        sents = _subsample(sents, max_words.get(split), rng)
+        text = join_sentences([s.text for s in sents])
+        positions, labels, types, offset = [], [], [], 0
+        for s in sents:
+            tags = s.upos if name == "upos" else s.deprel
+            for form, tag, end in zip(s.forms, tags, s.ends):
+                if tag not in index:  # a dev/test relation never seen in train: no class to predict
+                    continue
+                positions.append(offset + end)
+                labels.append(index[tag])
+                types.append(form)
+            offset += len(s.text) + 1  # the separator
+        splits[split] = Split(text, None, np.array(positions), np.array(labels), types)
+    return ProbeTask(name, "ewt", classes, splits)
+
+
+def synthetic_task(name: str, corpus_seed: int, words: dict[str, int]) -> ProbeTask:
+    """``category`` or ``depth`` on fresh corpora of the run's grammar (streams the run never trained on)."""
+    if name not in SYNTHETIC_TASKS:
+        raise ConfigError(f"task={name} is not a synthetic-language task; use one of {', '.join(SYNTHETIC_TASKS)}.")
+    grammar = Grammar(corpus_seed)
+    splits = {}
+    for i, split in enumerate(SPLITS):
+        corpus = grammar.corpus(words[split], seed=corpus_seed * 2 + 10 + i)  # training uses *2+1, *2+2
+        labels = (corpus.category if name == "category" else corpus.depth.clamp(max=grammar.max_depth)).numpy()
+        tokens = corpus.tokens.numpy()
+        splits[split] = Split(None, tokens, np.arange(len(tokens)), labels, [grammar.vocab[t] for t in tokens])
+    classes = list(CATEGORIES) if name == "category" else [str(d) for d in range(grammar.max_depth + 1)]
+    return ProbeTask(name, "synthetic", classes, splits)
+
+
+def label_distribution(task: ProbeTask, split: str = "train") -> Counter:
+    return Counter(task.classes[i] for i in task.splits[split].labels)
+
+
+def _checked(path, root):
+    if not path.is_file():
+        raise ConfigError(f"ewt_path={root} lacks {path.name}; point ewt_path at the ud-english-ewt folder.")
+    return path
+
+
+def _subsample(sents, cap, rng):
+    if cap is None or sum(len(s.forms) for s in sents) <= cap:
+        return sents
+    order = list(range(len(sents)))
+    rng.shuffle(order)
+    keep, n = [], 0
+    for i in order:
+        if n >= cap:
+            break
+        keep.append(i)
+        n += len(sents[i].forms)
+    return [sents[i] for i in sorted(keep)]
