@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 
 from locallearn.chunked import ChunkedGPT
 from locallearn.chunking import ChunkPlan
@@ -20,7 +21,7 @@ from locallearn.heads import BlockHead
 from locallearn.model import GPT, GPTConfig
 from locallearn.probing.cka import linear_cka, unbiased_cka
 from locallearn.probing.features import _windows, encode_text, extract, states
-from locallearn.probing.probes import LinearProbe, run_probe
+from locallearn.probing.probes import LinearProbe, MLPProbe, run_probe
 from locallearn.probing.report import probe_runs
 from locallearn.train import train
 from tests.conftest import CONF_DIR, SHARED_DATA
@@ -102,6 +103,19 @@ def test_linear_probe_reads_a_planted_feature_and_not_random_labels():
     assert result.accuracy > 0.99
     assert abs(result.control_accuracy - 1 / k) < 0.05  # chance: nothing to read
     assert result.selectivity > 0.7
+
+
+def test_mlp_probe_reads_a_feature_no_linear_probe_can():
+    rng = np.random.default_rng(0)
+    feats = {s: rng.normal(size=(1500, 2)) for s in ("train", "dev", "test")}
+    labels = {s: (f[:, 0] * f[:, 1] > 0).astype(int) for s, f in feats.items()}  # XOR of the signs
+    assert run_probe(LinearProbe(), feats, labels).accuracy < 0.7
+    assert run_probe(MLPProbe(hidden=32, alpha=(1e-4,), max_iter=300), feats, labels).accuracy > 0.9
+
+
+def test_probe_option_selects_the_probe():
+    assert isinstance(instantiate(probing_cfg("probe=mlp", "runs=x").probe), MLPProbe)
+    assert isinstance(instantiate(probing_cfg("runs=x").probe), LinearProbe)
 
 
 def test_cka_properties():
