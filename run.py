@@ -5,15 +5,19 @@
     python run.py -m chunks=1,2,4      # a multirun; chunks=1 is end-to-end backprop
 """
 
+import math
 import sys
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import locallearn  # noqa: F401  (registers the ${ll.*} resolvers conf/ uses)
 from locallearn.config import check_group_choices
 from locallearn.errors import ConfigError
-from locallearn.train import train
+from locallearn.train import record_config_error, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -22,8 +26,22 @@ def main(cfg: DictConfig) -> float | None:
         summary = train(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    return summary.get("best_val_loss")  # what a sweeper (e.g. Optuna) minimizes
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            sys.exit(2)
+        # In a sweep the other jobs go on: record why this one failed where the reports look for it
+        # (analysis/compare.py lists it), and give the sweeper the worst loss, so that an optimizer
+        # steers away from the setting rather than aborting its study.
+        record_config_error(Path(cfg.paths.output_dir), e)
+        return math.inf
+    return objective(summary)
+
+
+def objective(summary: dict) -> float | None:
+    """What a sweeper minimizes: the last chunk's final val loss (+inf if it diverged)."""
+    final = list((summary.get("val_loss") or {}).values())
+    if not final:
+        return None
+    return final[-1] if math.isfinite(final[-1]) else math.inf
 
 
 if __name__ == "__main__":

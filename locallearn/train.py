@@ -4,6 +4,7 @@
 :func:`build`, before the first training step; each raises :class:`ConfigError` with one sentence.
 """
 
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -124,6 +125,13 @@ def quiet_lightning():
     warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropAdverts())
+
+
+def record_config_error(output_dir: Path, error: ConfigError) -> None:
+    """A ``summary.json`` for a run refused before training, so that sweep reports list it as failed."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    status = f"failed: ConfigError: {error}"
+    (output_dir / "summary.json").write_text(json.dumps({"status": status, "steps": 0}, indent=2))
 
 
 def train(cfg: DictConfig) -> dict:

@@ -1,0 +1,93 @@
+"""Figures of a sweep report (matplotlib, PNG): validation curves, loss by chunk depth, loss against wall time."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from locallearn.compare import Group, common_items, label  # noqa: E402
+
+
+def _namer(all_groups):
+    common = common_items(all_groups)
+    return lambda g: label(g.key, common)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def val_curves(all_groups: list[Group], path: Path) -> Path:
+    """The last chunk's val loss against step: mean over seeds, band from min to max."""
+    name = _namer(all_groups)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, g in enumerate(all_groups):
+        curves = [dict(r.curve) for r in g.done if r.curve]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        values = np.array([[c[s] for s in steps] for c in curves])
+        ax.plot(steps, values.mean(0), color=f"C{i}", label=f"{name(g)} (n={len(curves)})")
+        if len(curves) > 1:
+            ax.fill_between(steps, values.min(0), values.max(0), color=f"C{i}", alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("last chunk's val loss")
+    ax.set_title("validation loss (mean over seeds, band: min to max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def loss_by_depth(all_groups: list[Group], path: Path) -> Path:
+    """Final val loss of each chunk at the depth where the chunk ends, one line per group."""
+    name = _namer(all_groups)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, g in enumerate(all_groups):
+        if not g.done:
+            continue
+        ends = [layers[-1] + 1 for layers in g.done[0].summary.get("layers", [])]
+        stats = g.chunk_losses()
+        if len(ends) != len(stats) or any(s is None for s in stats):
+            continue
+        means = [m for m, _ in stats]
+        errs = [0 if np.isnan(s) else s for _, s in stats]
+        style = dict(marker="s", markersize=9, linestyle="none") if g.chunks == 1 else dict(marker="o")
+        ax.errorbar(ends, means, yerr=errs, color=f"C{i}", capsize=3, label=name(g), **style)
+    ax.set_xlabel("depth at the end of the chunk (blocks)")
+    ax.set_ylabel("final val loss of the chunk")
+    ax.set_title("final val loss by chunk depth (end-to-end: squares)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def loss_vs_wall(all_groups: list[Group], path: Path) -> Path:
+    name = _namer(all_groups)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, g in enumerate(all_groups):
+        last, wall = g.last(), g.stat(lambda s: s.get("wall_time_s"))
+        if not last or not wall:
+            continue
+        ax.errorbar(wall[0], last[0], xerr=0 if np.isnan(wall[1]) else wall[1],
+                    yerr=0 if np.isnan(last[1]) else last[1], marker="o", color=f"C{i}", capsize=3,
+                    label=name(g))
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("last chunk's final val loss")
+    ax.set_title("final loss against wall time (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_all(all_groups: list[Group], out: Path) -> dict[str, Path]:
+    out = Path(out)
+    return {"val_curves": val_curves(all_groups, out / "val_curves.png"),
+            "loss_by_depth": loss_by_depth(all_groups, out / "loss_by_depth.png"),
+            "loss_vs_wall": loss_vs_wall(all_groups, out / "loss_vs_wall.png")}

@@ -1,0 +1,112 @@
+"""Sweep reports: grouping over seeds, means, stds, gaps to end-to-end, failed and unfinished runs."""
+
+import json
+import math
+import subprocess
+import sys
+from statistics import mean, stdev
+
+import pytest
+import yaml
+from torch.utils.tensorboard import SummaryWriter
+
+from locallearn.compare import collect, groups, table_rows, write_report
+from locallearn.config import PROJECT_ROOT
+from tests.conftest import TINY
+
+
+def fake_run(root, job: int, overrides: list[str], losses=None, status="finished", wall=100.0, curve=None):
+    """A job directory as a multirun leaves it: .hydra/overrides.yaml, summary.json, TensorBoard events."""
+    d = root / f"{job}_{','.join(overrides)}"
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides + ["trainer.enable_progress_bar=false"]))
+    if status is None:  # still running, or killed: no summary yet
+        return d
+    seed = int(next((o.split("=")[1] for o in overrides if o.startswith("seed=")), 0))
+    summary = {"status": status, "config": {"seed": seed}, "steps": 0 if losses is None else 100}
+    if losses is not None:
+        summary |= {"val_loss": {f"chunk{k + 1}": v for k, v in enumerate(losses)}, "wall_time_s": wall,
+                    "tokens_per_s": 1000.0, "activation_bytes_peak": 2**20 * len(losses),
+                    "layers": [[k] for k in range(len(losses))]}
+    (d / "summary.json").write_text(json.dumps(summary))
+    if curve:
+        with SummaryWriter(str(d / "tb")) as w:
+            for step, value in curve:
+                w.add_scalar("val/loss", value, step)
+    return d
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "multirun"
+    e2e = [2.00, 2.02, 2.04]
+    local = [(2.10, 2.08), (2.12, 2.10), (2.14, 2.09)]
+    job = 0
+    for seed in range(3):
+        fake_run(root, job, ["chunks=1", f"seed={seed}"], [e2e[seed]], curve=[(10, 3.0), (20, e2e[seed])])
+        fake_run(root, job + 1, ["chunks=2", f"seed={seed}"], list(local[seed]), wall=80.0 + seed,
+                 curve=[(10, 3.1), (20, local[seed][-1])])
+        job += 2
+    fake_run(root, job, ["chunks=4", "seed=0"], status="failed: RuntimeError: loss is nan at step 7")
+    fake_run(root, job + 1, ["chunks=4", "seed=1"], status=None)
+    return root, e2e, local
+
+
+def test_groups_means_stds_and_gaps(sweep):
+    root, e2e, local = sweep
+    records = collect([root])
+    assert len(records) == 8
+    gs = groups(records)
+    assert [dict(g.key)["chunks"] for g in gs] == ["1", "2", "4"]  # the seed is not part of a group
+    rows = {r["chunks"]: r for r in table_rows(gs)}
+    assert rows[1]["seeds"] == 3 and rows[1]["last_mean"] == pytest.approx(mean(e2e))
+    assert rows[1]["last_std"] == pytest.approx(stdev(e2e))
+    last = [c[-1] for c in local]
+    assert rows[2]["last_mean"] == pytest.approx(mean(last)) and rows[2]["last_std"] == pytest.approx(stdev(last))
+    first = [c[0] for c in local]
+    assert rows[2]["val_loss_per_chunk"][0] == pytest.approx([mean(first), stdev(first)])
+    assert rows[2]["gap"] == pytest.approx(mean(last) - mean(e2e))
+    assert rows[2]["gap_pct"] == pytest.approx(100 * (mean(last) - mean(e2e)) / mean(e2e))
+    assert rows[2]["e2e_group"] == "chunks=1"
+    assert rows[2]["wall_s"] == pytest.approx(81.0) and rows[2]["peak_memory_mb"] == pytest.approx(2.0)
+    assert rows[4]["seeds"] == 0 and rows[4]["runs"] == 2 and rows[4]["last_mean"] is None
+
+
+def test_report_lists_failed_and_unfinished_runs_and_writes_figures(sweep, tmp_path):
+    root, e2e, _ = sweep
+    out = tmp_path / "report"
+    write_report([root], out)
+    md = (out / "compare.md").read_text()
+    assert "failed: RuntimeError: loss is nan at step 7" in md and ": unfinished" in md
+    assert "Not included (2 runs)" in md
+    assert f"**{mean(e2e):.4f} ± {stdev(e2e):.4f}**" in md
+    for name in ("compare.csv", "runs.csv", "val_curves.png", "loss_by_depth.png", "loss_vs_wall.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert len((out / "runs.csv").read_text().strip().splitlines()) == 1 + 8
+
+
+def test_one_seed_has_no_std(tmp_path):
+    root = tmp_path / "m"
+    fake_run(root, 0, ["chunks=1"], [2.0])
+    (row,) = table_rows(groups(collect([root])))
+    assert row["last_mean"] == 2.0 and math.isnan(row["last_std"])
+
+
+def test_a_failed_job_does_not_stop_the_sweep_and_is_reported(tmp_path):
+    """chunks=9 is refused on the 4-block model; the sweep still runs chunks=1, and the report lists the failure."""
+    cmd = [sys.executable, "run.py", "-m", "chunks=9,1", *TINY, f"paths.log_dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr  # the sweep finished; the refused job is recorded, not fatal
+    assert "error: chunks=9 exceeds model.n_layer=4" in proc.stderr
+    (sweep_dir,) = (tmp_path / "multiruns").iterdir()
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    assert len(jobs) == 2
+    good = json.loads((jobs[1] / "summary.json").read_text())
+    assert good["status"] == "finished" and good["val_loss"]
+    bad = json.loads((jobs[0] / "summary.json").read_text())
+    assert bad["status"].startswith("failed: ConfigError: chunks=9")
+    proc = subprocess.run([sys.executable, "analysis/compare.py", str(sweep_dir)], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Not included (1 run)" in proc.stdout and "failed: ConfigError: chunks=9" in proc.stdout
+    assert "| chunks=1 | 1/1 |" in proc.stdout

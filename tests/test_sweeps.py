@@ -1,0 +1,55 @@
+"""Sweeps beyond the basic launcher: Optuna HPO and submitit launching, through run.py as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from locallearn.config import PROJECT_ROOT
+from tests.conftest import TINY
+
+
+def run_py(*args, timeout=300):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_optuna_search_of_two_trials_reports_its_best_value(tmp_path):
+    tiny = [o for o in TINY if not o.startswith("schedule.warmup_steps")]
+    proc = run_py("hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+                  "schedule.warmup_steps=choice(0,2)", *tiny, f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    (sweep,) = (tmp_path / "multiruns").iterdir()
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    finals = []
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()):
+        summary = json.loads((job / "summary.json").read_text())
+        finals.append(list(summary["val_loss"].values())[-1])
+    assert len(finals) == 2
+    assert results["best_value"] == min(finals)  # the last chunk's final val loss, minimized
+    assert set(results["best_params"]) == {"optim.lr", "schedule.warmup_steps"}
+    assert "Best value" in proc.stdout + proc.stderr
+
+
+def test_a_refused_trial_does_not_abort_the_study(tmp_path):
+    tiny = [o for o in TINY if not o.startswith("schedule.warmup_steps")]
+    proc = run_py("hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=3",
+                  "schedule.warmup_steps=choice(1,50)", *tiny, f"paths.log_dir={tmp_path}")  # 50 >= max_steps
+    assert proc.returncode == 0, proc.stderr
+    (sweep,) = (tmp_path / "multiruns").iterdir()
+    statuses = [json.loads((p / "summary.json").read_text())["status"] for p in sweep.iterdir() if p.is_dir()
+                and p.name[0].isdigit()]
+    assert len(statuses) == 3 and "finished" in statuses
+    assert any(s.startswith("failed: ConfigError: schedule.warmup_steps=50") for s in statuses), statuses
+    assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"] < float("inf")
+
+
+def test_submitit_local_multirun_writes_every_summary(tmp_path):
+    proc = run_py("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "chunks=1,2", *TINY,
+                  f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    summaries = sorted((tmp_path / "multiruns").glob("*/*/summary.json"))
+    assert len(summaries) == 2
+    assert [json.loads(p.read_text())["chunks"] for p in summaries] == [1, 2]
+    assert all(json.loads(p.read_text())["status"] == "finished" for p in summaries)
