@@ -110,3 +110,29 @@ def test_a_failed_job_does_not_stop_the_sweep_and_is_reported(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Not included (1 run)" in proc.stdout and "failed: ConfigError: chunks=9" in proc.stdout
     assert "| chunks=1 | 1/1 |" in proc.stdout
+
+
+def test_a_job_that_crashes_while_training_leaves_the_others_and_its_record(tmp_path):
+    cmd = [sys.executable, "run.py", "-m", "+callbacks.crash._target_=tests.conftest.CrashAt",
+           "+callbacks.crash.step=2,1000", *TINY, f"paths.log_dir={tmp_path}"]  # step 1000: never reached
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "planted failure at step 2" in proc.stderr  # Hydra reports it at the end
+    (sweep_dir,) = (tmp_path / "multiruns").iterdir()
+    statuses = [json.loads((j / "summary.json").read_text())["status"]
+                for j in sorted(p for p in sweep_dir.iterdir() if p.is_dir())]
+    assert statuses[0].startswith("failed: RuntimeError: planted failure at step 2") and statuses[1] == "finished"
+    _, records = write_report([sweep_dir], tmp_path / "report")
+    assert [r.finished for r in records] == [False, True]
+    assert "planted failure at step 2" in (tmp_path / "report" / "compare.md").read_text()
+
+
+def test_gap_is_taken_to_the_end_to_end_run_of_the_same_model(tmp_path):
+    root = tmp_path / "m"
+    fake_run(root, 0, ["chunks=1", "model=small"], [2.0])
+    fake_run(root, 1, ["chunks=1", "model=base"], [1.5])
+    fake_run(root, 2, ["chunks=4", "model=base", "overlap=1"], [1.7, 1.6, 1.6, 1.6])
+    fake_run(root, 3, ["variant=greedy", "model=small"], [2.3, 2.2, 2.2, 2.1])
+    rows = {r["group"]: r for r in table_rows(groups(collect([root])))}
+    assert rows["chunks=4 model=base overlap=1"]["gap"] == pytest.approx(0.1)
+    assert rows["model=small variant=greedy"]["gap"] == pytest.approx(0.1)
+    assert rows["model=small variant=greedy"]["e2e_group"] == "chunks=1 model=small"
