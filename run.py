@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 import locallearn  # noqa: F401  (registers the ${ll.*} resolvers conf/ uses)
 from locallearn.config import check_group_choices
-from locallearn.errors import ConfigError
+from locallearn.errors import ConfigError, TrainingDiverged
 from locallearn.train import record_config_error, train
 
 
@@ -32,6 +32,12 @@ def main(cfg: DictConfig) -> float | None:
         # (analysis/compare.py lists it), and give the sweeper the worst loss, so that an optimizer
         # steers away from the setting rather than aborting its study.
         record_config_error(Path(cfg.paths.output_dir), e)
+        return math.inf
+    except TrainingDiverged as e:
+        # summary.json (status "diverged: ..."), diagnostics.json and the last good checkpoint are written.
+        print(f"error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            sys.exit(1)
         return math.inf
     return objective(summary)
 

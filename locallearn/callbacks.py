@@ -1,11 +1,32 @@
-"""Callbacks that turn a run into the outputs a researcher reads: summary.json and TensorBoard layout."""
+"""Callbacks that turn a run into the outputs a researcher reads: summary.json, the TensorBoard layout,
+and the per-chunk loss diagnostics."""
 
 import json
+import logging
+import math
 import time
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+
+from locallearn import loss_plots
+from locallearn.curve_fit import CurveTooShort, fit_power_law
+from locallearn.diagnostics import (
+    Context,
+    DivergenceWatch,
+    Finding,
+    Thresholds,
+    check_thresholds,
+    diagnose,
+    divergence_finding,
+    report,
+)
+from locallearn.errors import ConfigError, TrainingDiverged
+
+log = logging.getLogger("locallearn.diagnostics")
 
 SUMMARY_CONFIG_KEYS = ("chunks", "mode", "seed", "model", "data", "chunking", "head", "objective", "optim",
                        "schedule", "grad_clip")
@@ -18,6 +39,8 @@ CHARTS = {
     "val bits per token": r"^val/bpc/chunk\d+$",
     "gradient norm": r"^train/grad_norm/chunk\d+$",
     "learning rate": r"^train/lr/chunk\d+$",
+    "momentum": r"^train/momentum/chunk\d+$",
+    "hypergradient": r"^train/hypergrad/chunk\d+$",
 }
 
 
@@ -93,6 +116,9 @@ class RunSummary(L.Callback):
             "vocab_size": pl_module.net.gpt.config.vocab_size,
             "device": str(pl_module.device),
         }
+        for cb in trainer.callbacks:  # callbacks that add their own results (the diagnostics)
+            if hasattr(cb, "summary_fields"):
+                out.update(cb.summary_fields(trainer))
         return out
 
     def _write(self, trainer, pl_module, status):
@@ -105,4 +131,204 @@ class RunSummary(L.Callback):
         self._write(trainer, pl_module, "finished")
 
     def on_exception(self, trainer, pl_module, exception):
-        self._write(trainer, pl_module, f"failed: {type(exception).__name__}: {exception}")
+        if isinstance(exception, TrainingDiverged):
+            self._write(trainer, pl_module, f"diverged: {exception}")
+        else:
+            self._write(trainer, pl_module, f"failed: {type(exception).__name__}: {exception}")
+
+
+class Diagnostics(L.Callback):
+    """Watches every chunk's train and val loss (see :mod:`locallearn.diagnostics`).
+
+    A chunk whose loss diverges stops the run at once with :class:`TrainingDiverged` (before the next
+    checkpoint could save diverged weights, so ``last.ckpt`` is the last good state). At the end of fit
+    (or when fit fails) the findings go to the console, to TensorBoard as text and to
+    ``diagnostics.json``, and each chunk's val curve gets a power-law fit (``curve_fit.png``, and
+    ``curve_fit`` in summary.json). Steps are numbered as on TensorBoard's x-axis.
+
+    Args:
+        path: where ``diagnostics.json`` goes (the figure goes next to it).
+        stop_on_divergence: stop the run when a chunk diverges (else it is only reported).
+        fit_curves: fit L(t) = a t^-b + c to each chunk's val curve at the end of fit.
+        predict_step: the step the fits predict the loss at; null = 10 x trainer.max_steps.
+        **thresholds: the fields of :class:`locallearn.diagnostics.Thresholds`.
+    """
+
+    def __init__(self, path, stop_on_divergence: bool = True, fit_curves: bool = True,
+                 predict_step: int | None = None, **thresholds):
+        unknown = set(thresholds) - {f.name for f in fields(Thresholds)}
+        if unknown:
+            raise ConfigError(f"callbacks.diagnostics.{sorted(unknown)[0]} is not a diagnostics setting; use one of "
+                              f"{', '.join(f.name for f in fields(Thresholds))}.")
+        self.th = Thresholds(**thresholds)
+        check_thresholds(self.th)
+        self.path = Path(path)
+        self.stop_on_divergence, self.fit_curves, self.predict_step = stop_on_divergence, fit_curves, predict_step
+        self.train: dict[int, list[list]] = {}  # chunk -> [steps, losses]
+        self.val: dict[int, list[list]] = {}
+        self.lr: dict[int, list[list]] = {}
+        self.watch = DivergenceWatch(self.th.diverge_ratio, self.th.diverge_window)
+        self.diverged: Finding | None = None
+        self._ctx = Context()
+        self._results: tuple | None = None  # (history size, findings, fits) of the last analysis
+
+    # -- recording ----------------------------------------------------------------------------------
+    def on_fit_start(self, trainer, pl_module):
+        datamodule = trainer.datamodule
+        self._ctx = Context(
+            unigram_entropy=datamodule.unigram_entropy() if hasattr(datamodule, "unigram_entropy") else None,
+            loss_terms=getattr(pl_module.objective, "loss_terms", 1), max_steps=trainer.max_steps,
+            loss_weights=list(pl_module.loss_weights))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not isinstance(outputs, dict) or "losses" not in outputs:
+            return
+        step = trainer.global_step - 1  # the step that just ran, as TensorBoard numbers it
+        losses = torch.stack(list(outputs["losses"])).float().tolist()
+        for k, (loss, lr) in enumerate(zip(losses, outputs["lrs"]), start=1):
+            for history, value in ((self.train, loss), (self.lr, lr)):
+                steps, values = history.setdefault(k, [[], []])
+                steps.append(step)
+                values.append(float(value))
+            evidence = self.watch.check(k, loss)
+            if evidence and self.stop_on_divergence:
+                self._diverge(trainer, k, step, evidence, "train")
+
+    def on_validation_end(self, trainer, pl_module):
+        # Runs before ModelCheckpoint's own on_validation_end (Lightning puts checkpoint callbacks
+        # last), so a non-finite val loss stops the run before diverged weights are saved.
+        if trainer.sanity_checking or pl_module.final_val is None:
+            return
+        step = trainer.global_step
+        for k, value in enumerate(pl_module.final_val, start=1):
+            steps, values = self.val.setdefault(k, [[], []])
+            if steps and steps[-1] == step:  # validated twice at one step (the run's last step)
+                values[-1] = value
+                continue
+            steps.append(step)
+            values.append(value)
+            if not math.isfinite(value) and self.stop_on_divergence:
+                self._diverge(trainer, k, step, f"val loss is {value}", "val")
+
+    def _diverge(self, trainer, chunk: int, step: int, evidence: str, split: str):
+        self.diverged = divergence_finding(chunk, step, evidence, self._context(), split)
+        ckpt = next((cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.last_model_path), None)
+        kept = (f"; the last good checkpoint is {ckpt} (step {self.val[1][0][-1]})" if ckpt and self.val.get(1)
+                else "; no checkpoint was saved before it")
+        raise TrainingDiverged(f"chunk {chunk} diverged at step {step}: {evidence}; {self.diverged.cause}, so "
+                               f"{self.diverged.remedy}{kept}.")
+
+    # -- analysis -----------------------------------------------------------------------------------
+    def _context(self) -> Context:
+        ctx = self._ctx
+        ctx.lr = {k: (v[0], v[1]) for k, v in self.lr.items()}
+        ctx.warmup_steps = warmup_end(ctx.lr)
+        return ctx
+
+    def results(self) -> tuple[list[Finding], dict]:
+        """(findings, fits): fits maps chunk -> PowerLaw, or to the message saying why it could not fit."""
+        size = sum(len(v[0]) for v in self.train.values()) + sum(len(v[0]) for v in self.val.values())
+        if self._results is None or self._results[0] != size:
+            train = {k: (v[0], v[1]) for k, v in self.train.items()}
+            val = {k: (v[0], v[1]) for k, v in self.val.items()}
+            findings = diagnose(train, val, self._context(), self.th)
+            if self.diverged is not None:
+                findings = [self.diverged] + [f for f in findings if f.kind != "underfitting"]
+            fits = {}
+            if self.fit_curves:
+                for k, (steps, values) in val.items():
+                    try:
+                        fits[k] = fit_power_law(steps, values)
+                    except CurveTooShort as e:
+                        fits[k] = str(e)
+            self._results = (size, findings, fits)
+        return self._results[1], self._results[2]
+
+    def _predict_at(self, trainer) -> int | None:
+        return self.predict_step or (10 * trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None)
+
+    def summary_fields(self, trainer) -> dict:
+        """What summary.json gets: the findings by kind and each chunk's curve fit."""
+        findings, fits = self.results()
+        at = self._predict_at(trainer)
+        out = {"diagnostics": {"findings": len(findings),
+                               "by_kind": {kind: sorted({f.chunk for f in findings if f.kind == kind})
+                                           for kind in sorted({f.kind for f in findings})},
+                               "diverged": self.diverged.to_dict() if self.diverged else None}}
+        if self.fit_curves:
+            out["curve_fit"] = {f"chunk{k}": (fit.to_dict(at) if not isinstance(fit, str) else {"error": fit})
+                                for k, fit in sorted(fits.items())}
+        return out
+
+    def _report(self, trainer, status: str):
+        if trainer.global_rank != 0:
+            return
+        findings, fits = self.results()
+        at = self._predict_at(trainer)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({
+            "status": status, "thresholds": asdict(self.th), "findings": [f.to_dict() for f in findings],
+            **self.summary_fields(trainer)}, indent=2))
+        text = report(findings)
+        fit_lines = fit_table(fits, at)
+        if findings:
+            log.warning("diagnostics: %d finding%s (%s):\n%s", len(findings), "s" * (len(findings) != 1), self.path,
+                        text)
+        else:
+            log.info("diagnostics: %s", text)
+        if fit_lines:
+            log.info("power-law fits of the val curves, L(t) = a t^-b + c:\n%s", "\n".join(fit_lines))
+        curves = {k: (v[0], v[1]) for k, v in self.val.items() if v[0]}
+        if self.fit_curves and curves:
+            loss_plots.curve_fits(curves, {k: f for k, f in fits.items() if not isinstance(f, str)},
+                                  self.path.with_name("curve_fit.png"), at)
+        tb = _tensorboard(trainer)
+        if tb is not None:
+            tb.experiment.add_text("diagnostics", text + ("\n\n" + "\n".join(fit_lines) if fit_lines else ""),
+                                   trainer.global_step)
+            tb.experiment.flush()
+
+    def on_fit_end(self, trainer, pl_module):
+        self._report(trainer, "finished")
+
+    def on_exception(self, trainer, pl_module, exception):
+        status = "diverged" if isinstance(exception, TrainingDiverged) else f"failed: {type(exception).__name__}"
+        self._report(trainer, status)
+
+    # -- resume -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"train": self.train, "val": self.val, "lr": self.lr, "watch": self.watch.state_dict()}
+
+    def load_state_dict(self, state_dict: dict):
+        for name in ("train", "val", "lr"):
+            setattr(self, name, {int(k): v for k, v in state_dict.get(name, {}).items()})
+        self.watch.load_state_dict(state_dict.get("watch", {}))
+
+
+def warmup_end(lr: dict) -> int:
+    """The step at which the LR first reaches its peak (the end of any warmup), at most half the run."""
+    ends = []
+    for steps, values in lr.values():
+        if values:
+            peak = max(values)
+            first = next(s for s, v in zip(steps, values) if v >= 0.99 * peak)
+            ends.append(min(first, steps[len(steps) // 2]))
+    return max(ends) if ends else 0
+
+
+def fit_table(fits: dict, predict_at: int | None) -> list[str]:
+    """Markdown rows of each chunk's fit (or why it could not be fitted)."""
+    if not fits:
+        return []
+    rows = [f"| chunk | a | b | c (asymptote) | predicted at step {predict_at} | rmse |", "|---|---|---|---|---|---|"]
+    for k, fit in sorted(fits.items()):
+        if isinstance(fit, str):
+            rows.append(f"| {k} | not fitted: {fit} | | | | |")
+            continue
+        pred = ""
+        if predict_at:
+            mean, std, _, _ = fit.predict(predict_at)
+            pred = f"{mean:.4f} ± {std:.4f}"
+        rows.append(f"| {k} | {fit.a:.3g} ± {fit.a_std:.2g} | {fit.b:.3f} ± {fit.b_std:.3f} | "
+                    f"{fit.c:.4f} ± {fit.c_std:.4f} | {pred} | {fit.rmse:.4f} |")
+    return rows

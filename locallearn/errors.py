@@ -1,9 +1,14 @@
-"""The one exception type for bad user input.
+"""The package's own exceptions, which ``run.py`` prints as one line without a traceback.
 
-Raised before any long work starts, with one sentence that names the value, what was expected and
-how to fix it. ``run.py`` prints it without a traceback.
+:class:`ConfigError` is bad user input, raised before any long work starts, with one sentence that
+names the value, what was expected and how to fix it. :class:`TrainingDiverged` stops a run whose
+loss diverged, naming the chunk and the step; its checkpoints and summary are kept.
 """
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A chunk's loss diverged; training stopped. The message names the chunk, the step and what to try."""

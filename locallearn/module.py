@@ -2,8 +2,10 @@
 
 Optimization is manual because ``sequential`` mode needs one backward per chunk. There is one
 optimizer with a decay and a no-decay param group per chunk (tagged ``chunk=k``), so
-``trainer.global_step`` counts batches, each chunk's gradients are clipped on their own, and later
-per-chunk learning rates are a matter of group settings.
+``trainer.global_step`` counts batches, each chunk's gradients are clipped on their own, and each
+chunk can have its own learning rate (``optim.chunk_lr``), adapted online if asked
+(``optim.hypergrad_lr``). Clipping, the LR scheduler and the hypergradient step are called here, in
+``training_step``, as manual optimization requires.
 """
 
 import math
@@ -18,8 +20,10 @@ from torchmetrics import MeanMetric
 from locallearn.chunked import ChunkedGPT
 from locallearn.errors import ConfigError
 from locallearn.execution import get_step, joint_step
+from locallearn.hypergrad import HypergradientLR
 from locallearn.memory import SavedTensorMeter
 from locallearn.objectives import IGNORE
+from locallearn.schedules import cycles_momentum
 from locallearn.switch import EWC, Switch
 
 
@@ -31,6 +35,28 @@ def check_loss_weights(weights, K: int) -> list[float]:
         raise ConfigError(f"loss_weights={weights} must hold {K} non-negative numbers (one per chunk), "
                           f"not all zero.")
     return weights
+
+
+def check_chunk_lr(chunk_lr, K: int) -> list[float] | None:
+    if chunk_lr is None:
+        return None
+    try:
+        rates = [float(r) for r in chunk_lr]
+    except (TypeError, ValueError):
+        rates = []
+    if len(rates) != K or not all(r > 0 for r in rates):
+        raise ConfigError(f"optim.chunk_lr={list(chunk_lr) if rates else chunk_lr} must hold {K} positive learning "
+                          f"rates (one per chunk), e.g. from analysis/lr_range_test.py, or be null for optim.lr.")
+    return rates
+
+
+def check_hypergrad_lr(beta) -> float | None:
+    if beta is None:
+        return None
+    if not isinstance(beta, (int, float)) or beta <= 0:
+        raise ConfigError(f"optim.hypergrad_lr={beta} must be a positive hypergradient step size (the paper uses "
+                          f"about 1e-7 with Adam) or null to keep the schedule's learning rates.")
+    return float(beta)
 
 
 class LocalLearner(L.LightningModule):
@@ -47,12 +73,15 @@ class LocalLearner(L.LightningModule):
         switch: when (if ever) to switch from local to global training, and how.
         seed: seeds the objective's masking (per step in training; validation masks are fixed).
         config: the resolved run config, stored in checkpoints and summaries.
+        chunk_lr: one learning rate per chunk (default: the optimizer's own).
+        hypergrad_lr: hypergradient step size: adapt each chunk's LR online (see :mod:`locallearn.hypergrad`).
     """
 
     def __init__(self, net: ChunkedGPT, objective, mode: str = "joint", optimizer: Callable | None = None,
                  scheduler: Callable | None = None, grad_clip: float | None = 1.0,
                  loss_weights: list[float] | None = None, switch: Switch | None = None, seed: int = 0,
-                 config: dict | None = None):
+                 config: dict | None = None, chunk_lr: list[float] | None = None,
+                 hypergrad_lr: float | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.net, self.objective, self.mode = net, objective, mode
@@ -64,6 +93,10 @@ class LocalLearner(L.LightningModule):
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.scheduler_factory = scheduler
         self.grad_clip = grad_clip or None
+        self.chunk_lr = check_chunk_lr(chunk_lr, len(net))
+        self.hypergrad_lr = check_hypergrad_lr(hypergrad_lr)
+        self.hypergrad: HypergradientLR | None = None  # built once the optimizer exists
+        self._hypergrad_state: dict | None = None  # from a checkpoint, applied when it is built
         self.save_hyperparameters({"config": config or {}}, logger=False)
         K = len(net)
         self.val_loss = torch.nn.ModuleList(MeanMetric() for _ in range(K))
@@ -79,16 +112,22 @@ class LocalLearner(L.LightningModule):
         self._batch_tokens = 0
 
     # -- optimization ---------------------------------------------------------------------------
-    def configure_optimizers(self):
+    def param_groups(self) -> list[dict]:
+        """Two param groups per chunk (tagged ``chunk=k``): matrices with weight decay, the rest without."""
         groups = []
         for k in range(len(self.net)):
             params = self.net.chunk_parameters(k)
             # Weight decay on matrices only: not on biases, LayerNorm gains or position-free vectors.
             decay = [p for p in params if p.dim() >= 2]
             no_decay = [p for p in params if p.dim() < 2]
-            groups.append({"params": decay, "chunk": k, "name": f"chunk{k + 1}/decay"})
-            groups.append({"params": no_decay, "chunk": k, "name": f"chunk{k + 1}/no_decay", "weight_decay": 0.0})
-        opt = self.optimizer_factory(groups)
+            lr = {"lr": self.chunk_lr[k]} if self.chunk_lr else {}
+            groups.append({"params": decay, "chunk": k, "name": f"chunk{k + 1}/decay", **lr})
+            groups.append({"params": no_decay, "chunk": k, "name": f"chunk{k + 1}/no_decay", "weight_decay": 0.0,
+                           **lr})
+        return groups
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.param_groups())
         if self.scheduler_factory is None:
             return opt
         sched = self.scheduler_factory(opt, total_steps=self.trainer.max_steps)
@@ -147,6 +186,7 @@ class LocalLearner(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         loss_fn = lambda k, h, logits: self._loss(k, h, logits, prepared)  # noqa: E731
         meter = SavedTensorMeter(self.net.parameters()) if self._measure_next else nullcontext()
+        hypergrad = self.hypergrad
         with meter:
             if global_phase:
                 K = len(self.net)
@@ -159,19 +199,34 @@ class LocalLearner(L.LightningModule):
                 losses = self.step_fn(self.net, prepared.idx, loss_fn, self.manual_backward, self.loss_weights)
         if self._measure_next:
             self.activation_bytes, self._measure_next = meter.peak, False
+        if hypergrad is not None:
+            hypergrad.adapt()  # from the raw gradient, before clipping
         norms = self._clip()
+        chunk_groups = opt.param_groups[::2]  # one group per chunk is enough: both share the LR
+        lrs = [g["lr"] for g in chunk_groups]  # the LRs this step uses
+        momenta = [g["betas"][0] if "betas" in g else g["momentum"] for g in chunk_groups] \
+            if self._log_momentum else None
+        if hypergrad is not None:
+            hypergrad.before_step()
         opt.step()
+        if hypergrad is not None:
+            hypergrad.after_step()
         if self.lr_schedulers() is not None:
             self.lr_schedulers().step()
+            if hypergrad is not None:
+                hypergrad.apply()
         K = len(self.net)
-        for k, (loss, norm) in enumerate(zip(losses, norms)):
+        for k, (loss, norm, lr) in enumerate(zip(losses, norms, lrs)):
             self.log(f"train/loss/chunk{k + 1}", loss, prog_bar=k == K - 1)
             self.log(f"train/grad_norm/chunk{k + 1}", norm)
-        for group in opt.param_groups[::2]:  # one group per chunk is enough: both share the LR
-            self.log(f"train/lr/chunk{group['chunk'] + 1}", group["lr"])
+            self.log(f"train/lr/chunk{k + 1}", lr)
+            if momenta is not None:
+                self.log(f"train/momentum/chunk{k + 1}", momenta[k])
+            if hypergrad is not None:
+                self.log(f"train/hypergrad/chunk{k + 1}", hypergrad.last_hypergrad[k])
         if self.switch.at is not None:
             self.log("train/global_phase", float(global_phase))
-        return {f"chunk{k + 1}": loss for k, loss in enumerate(losses)}
+        return {"losses": losses, "lrs": lrs}
 
     # -- timing: tokens/s over training steps only -------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx):
@@ -189,6 +244,10 @@ class LocalLearner(L.LightningModule):
             # happen (and reach the checkpoint callback) even when max_steps is not a multiple of
             # val_check_interval.
             self.trainer.should_stop = True
+
+    @property
+    def _log_momentum(self) -> bool:
+        return cycles_momentum(self.lr_schedulers())
 
     def on_fit_start(self):
         self.flops_per_token = self.net.flops_per_token(self.net.gpt.config.block_size)
@@ -229,6 +288,8 @@ class LocalLearner(L.LightningModule):
         checkpoint["best_val"] = self.best_val
         if self.ewc is not None:
             checkpoint["ewc"] = self.ewc.state_dict()
+        if self.hypergrad is not None:
+            checkpoint["hypergrad"] = self.hypergrad.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
         rng = checkpoint.get("rng", {})
@@ -239,9 +300,14 @@ class LocalLearner(L.LightningModule):
         self.best_val = checkpoint.get("best_val", math.inf)
         if "ewc" in checkpoint:
             self.ewc = EWC.from_state(self._earlier_chunk_params(), checkpoint["ewc"])
+        self._hypergrad_state = checkpoint.get("hypergrad")
 
     def on_train_start(self):
         # A run resumed after the switch step continues without the cut (its EWC anchor comes from the
         # checkpoint); one resumed exactly at the switch step makes the switch in its first step.
         at = self.switch_step
         self.net.local = at is None or self.global_step <= at
+        if self.hypergrad_lr is not None:
+            self.hypergrad = HypergradientLR(self.optimizers().optimizer, self.hypergrad_lr)
+            if self._hypergrad_state is not None:  # the optimizer's LRs already carry the multipliers
+                self.hypergrad.load_state_dict(self._hypergrad_state)

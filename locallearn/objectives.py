@@ -41,6 +41,7 @@ class CausalLM:
 
     name = "clm"
     extra_tokens = 0
+    loss_terms = 1  # cross-entropies the loss sums: its no-context baseline is this x the unigram entropy
 
     def __init__(self, causal: bool = True):
         if not causal:
@@ -130,6 +131,7 @@ class SpanMasking(MaskedLM):
     of the tokens (in expectation), 80/10/10 per span; loss = masked LM + span-boundary objective."""
 
     name = "span"
+    loss_terms = 2  # MLM + SBO
 
     def __init__(self, causal: bool = False, mask_prob: float = 0.15, geometric_p: float = 0.2, max_span: int = 10):
         super().__init__(causal, mask_prob)

@@ -21,7 +21,7 @@ from locallearn.chunking import ChunkPlan
 from locallearn.errors import ConfigError
 from locallearn.execution import get_step
 from locallearn.model import GPT
-from locallearn.module import LocalLearner, check_loss_weights
+from locallearn.module import LocalLearner, check_chunk_lr, check_hypergrad_lr, check_loss_weights
 from locallearn.switch import Switch
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,16 @@ def _check_schedule(cfg: DictConfig):
         instantiate(cfg.schedule)(dummy, total_steps=cfg.trainer.max_steps)
 
 
+# Keys of the optim group that locallearn reads itself; the rest go to the optimizer.
+OPTIM_KEYS = ("chunk_lr", "hypergrad_lr")
+
+
+def optimizer_factory(optim: DictConfig):
+    """The ``_partial_`` optimizer of ``optim``, without locallearn's own keys."""
+    node = OmegaConf.masked_copy(optim, [k for k in optim if k not in OPTIM_KEYS])
+    return instantiate(node)
+
+
 def make_net(cfg: DictConfig, objective, vocab_size: int) -> ChunkedGPT:
     """The chunked model ``cfg`` describes, for data of ``vocab_size`` tokens (``objective`` is bound to it)."""
     objective.bind(vocab_size)
@@ -82,6 +92,8 @@ def build(cfg: DictConfig) -> Run:
                           f"but chunks={cfg.chunks}; drop the chunks override or use chunking=chunked.")
     plan = ChunkPlan.build(model_cfg.n_layer, cfg.chunks, chunking.get("boundaries"), cfg.overlap)
     check_loss_weights(cfg.get("loss_weights"), len(plan))
+    check_chunk_lr(cfg.optim.get("chunk_lr"), len(plan))
+    check_hypergrad_lr(cfg.optim.get("hypergrad_lr"))
     switch = Switch(**cfg.get("switch", {}))
     if cfg.data.block_size > model_cfg.block_size:
         raise ConfigError(
@@ -99,13 +111,15 @@ def build(cfg: DictConfig) -> Run:
         net,
         objective,
         mode=cfg.mode,
-        optimizer=instantiate(cfg.optim),
+        optimizer=optimizer_factory(cfg.optim),
         scheduler=instantiate(cfg.schedule) if cfg.get("schedule") is not None else None,
         grad_clip=cfg.grad_clip,
         loss_weights=cfg.get("loss_weights"),
         switch=switch,
         seed=cfg.seed,
         config=OmegaConf.to_container(cfg, resolve=True),
+        chunk_lr=cfg.optim.get("chunk_lr"),
+        hypergrad_lr=cfg.optim.get("hypergrad_lr"),
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]

@@ -32,9 +32,12 @@ TINY = [
 
 
 def tiny_overrides(overrides) -> list[str]:
-    """TINY, less the synthetic corpus sizes when another data set is chosen."""
+    """TINY, less the synthetic corpus sizes when another data set is chosen, and less the warmup when
+    a schedule without one is."""
     other_data = any(o.startswith("data=") and o != "data=synthetic" for o in overrides)
-    return [o for o in TINY if not (other_data and o.startswith("data.n_"))]
+    no_warmup = any(o.startswith("schedule=") and o != "schedule=cosine" for o in overrides)
+    return [o for o in TINY if not (other_data and o.startswith("data.n_"))
+            and not (no_warmup and o.startswith("schedule.warmup_steps"))]
 
 
 def compose_config(output_dir: Path, *overrides: str):
@@ -82,3 +85,22 @@ class CrashAt:
                     raise RuntimeError(f"planted failure at step {step}")
 
         return _Crash()
+
+
+class NanAt:
+    """A test callback that plants NaN weights in one chunk's first block before a step: that chunk's loss is
+    nan from then on, as after an overflow, while the other chunks train on."""
+
+    def __new__(cls, step: int, chunk: int):
+        import lightning as L
+        import torch
+
+        class _Nan(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    first_block = pl_module.net.plan[chunk - 1].layers[0]
+                    with torch.no_grad():
+                        for p in pl_module.net.gpt.blocks[first_block].parameters():
+                            p.fill_(float("nan"))
+
+        return _Nan()

@@ -65,8 +65,9 @@ def test_run_writes_summary_events_checkpoints_and_vocab(make_cfg):
         [],
         ["objective=span"],  # masks drawn by step
         ["switch.at=0.5", "switch.ewc_lambda=10"],  # the checkpoint at step 3 is the switch step: EWC after resume
+        ["schedule=cyclic", "schedule.cycle_steps=4", "optim.hypergrad_lr=1e-4"],  # scheduler and adapted LRs
     ],
-    ids=["plain", "span", "switch+ewc"],
+    ids=["plain", "span", "switch+ewc", "cyclic+hypergrad"],
 )
 def test_resume_continues_exactly_where_the_run_stopped(make_cfg, variant):
     straight = make_cfg("chunks=2", "model.dropout=0.1", *variant)
@@ -89,6 +90,7 @@ def test_resume_continues_exactly_where_the_run_stopped(make_cfg, variant):
     for step, value in got.items():
         assert value == pytest.approx(want[step], rel=1e-6, abs=0), f"step {step + 1} differs after resume"
     assert summary["val_loss"] == json.loads((Path(straight.paths.output_dir) / "summary.json").read_text())["val_loss"]
+    assert "2 usable points" in summary["curve_fit"]["chunk1"]["error"]  # the diagnostics kept the first half's history
 
 
 @pytest.mark.shared_data

@@ -21,7 +21,7 @@ class LossRecorder(L.Callback):
         self.losses = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append([float(v) for v in outputs.values()])
+        self.losses.append([float(v) for v in outputs["losses"]])
 
 
 def fit(cfg, before=None):

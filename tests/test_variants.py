@@ -31,7 +31,7 @@ class Recorder(L.Callback):
         self.embed_grad.append(net.gpt.wte.weight.grad is not None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append([float(v) for v in outputs.values()])
+        self.losses.append([float(v) for v in outputs["losses"]])
 
 
 def fit(cfg):

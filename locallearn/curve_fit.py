@@ -1,0 +1,184 @@
+"""Power-law fits of loss curves: L(t) = a * t^(-b) + c, with bootstrap uncertainty.
+
+For a fixed exponent b the model is linear in (a, c), so the fit starts from the best b on a grid
+(each solved by least squares), then refines all three with a robust loss (soft L1, scaled by the
+residuals' MAD) so that one bad evaluation does not drag the curve. Uncertainty comes from a residual
+bootstrap: the fit is repeated on the fitted curve plus resampled residuals, and the spread of the
+refits gives standard errors of a, b, c and intervals for predictions far beyond the data.
+
+:func:`gap_crossing` answers "when should a local run switch to global training?": the step from which
+the local run's predicted loss stays more than a tolerance above the end-to-end run's.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import least_squares
+
+MIN_POINTS = 5  # three parameters and at least two degrees of freedom
+
+
+class CurveTooShort(ValueError):
+    """Fewer usable points than a fit needs (a message for the user, not a crash)."""
+
+
+def _model(p, t):
+    a, b, c = p
+    return a * t ** (-b) + c
+
+
+def _grid_start(t, y) -> np.ndarray:
+    best = None
+    for b in np.linspace(0.05, 3.0, 60):
+        X = np.stack([t ** (-b), np.ones_like(t)], axis=1)
+        (a, c), *_ = np.linalg.lstsq(X, y, rcond=None)
+        if a < 0:
+            continue
+        sse = float(np.sum((X @ [a, c] - y) ** 2))
+        if best is None or sse < best[0]:
+            best = (sse, np.array([a, b, max(c, 0.0)]))
+    return best[1] if best is not None else np.array([max(y[0] - y[-1], 1e-6) * t[0] ** 0.5, 0.5, max(y[-1], 0.0)])
+
+
+def _refine(t, y, p0, f_scale):
+    lower, upper = [0.0, 0.0, 0.0], [np.inf, 5.0, np.inf]
+    p0 = np.clip(p0, lower, [1e300, 5.0, 1e300])
+    res = least_squares(lambda p: _model(p, t) - y, p0, bounds=(lower, upper), loss="soft_l1", f_scale=f_scale,
+                        x_scale="jac", max_nfev=2000)
+    return res.x
+
+
+@dataclass
+class PowerLaw:
+    """A fitted L(t) = a t^-b + c; ``samples`` holds the bootstrap refits (S, 3)."""
+
+    a: float
+    b: float
+    c: float
+    a_std: float
+    b_std: float
+    c_std: float
+    rmse: float  # of the central fit on the data
+    n: int  # points fitted
+    first_step: int
+    last_step: int
+    samples: np.ndarray
+
+    def __call__(self, t):
+        return _model((self.a, self.b, self.c), np.asarray(t, dtype=float))
+
+    def predict(self, t: float) -> tuple[float, float, float, float]:
+        """(central prediction, bootstrap std, 16th and 84th percentile) of the loss at step t."""
+        draws = _model(self.samples.T, float(t))
+        lo, hi = np.percentile(draws, [16, 84])
+        return float(self(t)), float(np.std(draws)), float(lo), float(hi)
+
+    def to_dict(self, predict_at: int | None = None) -> dict:
+        out = {"a": self.a, "b": self.b, "c": self.c, "a_std": self.a_std, "b_std": self.b_std,
+               "c_std": self.c_std, "asymptote": self.c, "rmse": self.rmse, "points": self.n,
+               "steps": [self.first_step, self.last_step]}
+        if predict_at:
+            mean, std, lo, hi = self.predict(predict_at)
+            out["predicted"] = {"step": int(predict_at), "loss": mean, "std": std, "p16": lo, "p84": hi}
+        return out
+
+
+def fit_power_law(steps, values, n_boot: int = 200, seed: int = 0) -> PowerLaw:
+    """Fit L(t) = a t^-b + c to (steps, values); raise :class:`CurveTooShort` with a message if it cannot."""
+    t = np.asarray(steps, dtype=float)
+    y = np.asarray(values, dtype=float)
+    keep = np.isfinite(y) & (t > 0)
+    t, y = t[keep], y[keep]
+    if len(t) < MIN_POINTS:
+        raise CurveTooShort(f"{len(t)} usable points (step > 0, finite loss); a power-law fit needs at least "
+                            f"{MIN_POINTS}: evaluate more often (trainer.val_check_interval) or train longer")
+    p = _grid_start(t, y)
+    resid = _model(p, t) - y
+    f_scale = max(1.4826 * float(np.median(np.abs(resid - np.median(resid)))), 1e-6 * float(np.mean(np.abs(y))), 1e-12)
+    p = _refine(t, y, p, f_scale)
+    fitted = _model(p, t)
+    resid = y - fitted
+    rng = np.random.default_rng(seed)
+    centred = resid - resid.mean()
+    samples = np.array([_refine(t, fitted + rng.choice(centred, size=len(t), replace=True), p, f_scale)
+                        for _ in range(n_boot)])
+    std = samples.std(axis=0)
+    return PowerLaw(float(p[0]), float(p[1]), float(p[2]), float(std[0]), float(std[1]), float(std[2]),
+                    float(np.sqrt(np.mean(resid ** 2))), len(t), int(t[0]), int(t[-1]), samples)
+
+
+def _stays_above(gap: np.ndarray, grid: np.ndarray, tol: float) -> float:
+    """The first grid step from which the gap stays above tol up to the end; nan if it ends below."""
+    above = gap > tol
+    if not above[-1]:
+        return math.nan
+    below = np.nonzero(~above)[0]
+    return float(grid[below[-1] + 1]) if len(below) else float(grid[0])
+
+
+def gap_crossing(local: PowerLaw, e2e: PowerLaw, tol: float, t_from: float, t_to: float, n: int = 500) -> dict:
+    """The step in [t_from, t_to] from which local(t) - e2e(t) stays above tol (the local run has fallen
+    behind for good), by the central fits, with the 16th-84th percentile range over paired bootstrap
+    refits; nan when the predicted gap at t_to is within the tolerance."""
+    grid = np.geomspace(max(t_from, 1.0), t_to, n)
+    central = _stays_above(local(grid) - e2e(grid), grid, tol)
+    m = min(len(local.samples), len(e2e.samples))
+    per_sample = np.array([_stays_above(_model(local.samples[i], grid) - _model(e2e.samples[i], grid), grid, tol)
+                           for i in range(m)])
+    crossed = np.isfinite(per_sample)
+    # A bootstrap refit that never crosses counts as crossing after t_to, so that it widens the range.
+    filled = np.where(crossed, per_sample, np.inf)
+    lo, hi = np.percentile(filled, [16, 84], method="inverted_cdf") if m else (math.nan, math.nan)
+    gap_end = float(local(t_to) - e2e(t_to))
+    return {"tolerance": tol, "step": central, "p16": float(lo), "p84": float(hi),
+            "fraction_crossing": float(crossed.mean()) if m else math.nan, "range": [float(grid[0]), float(t_to)],
+            "gap_at_start": float(local(grid[0]) - e2e(grid[0])), "gap_at_end": gap_end}
+
+
+# -- on finished runs (analysis/fit_curves.py) ------------------------------------------------------
+
+@dataclass
+class RunFits:
+    """The fits of one run's per-chunk val curves."""
+
+    run: object  # a compare.RunRecord
+    curves: dict  # chunk -> (steps, values)
+    fits: dict  # chunk -> PowerLaw, or the message saying why it could not be fitted
+    predict_at: int
+
+
+def fit_runs(paths, predict_at: int | None = None) -> list[RunFits]:
+    """Fit every chunk's val curve of every run under ``paths`` (runs or multiruns)."""
+    from locallearn.compare import collect, read_curve
+
+    out = []
+    for record in collect(paths):
+        curves = {}
+        for k in range(1, 1 + int(record.summary.get("chunks") or 64)):
+            curve = read_curve(record.dir, f"val/loss/chunk{k}")
+            if not curve:
+                break
+            curves[k] = ([s for s, _ in curve], [v for _, v in curve])
+        fits = {}
+        for k, (steps, values) in curves.items():
+            try:
+                fits[k] = fit_power_law(steps, values)
+            except CurveTooShort as e:
+                fits[k] = str(e)
+        last = max((s[-1] for s, _ in curves.values()), default=0)
+        out.append(RunFits(record, curves, fits, predict_at or 10 * max(last, 1)))
+    return out
+
+
+def reference_for(run: RunFits, candidates: list[RunFits]) -> RunFits | None:
+    """The end-to-end run (chunks=1) with the same overrides, seed included, but for the chunk settings."""
+    from locallearn.compare import LOCAL_KEYS, _under
+
+    def rest(r):
+        return {k: v for k, v in r.run.overrides.items() if not _under(k, LOCAL_KEYS)}
+
+    for c in candidates:
+        if c is not run and len(c.curves) == 1 and rest(c) == rest(run):
+            return c
+    return None

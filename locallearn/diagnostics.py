@@ -1,0 +1,356 @@
+"""Per-chunk loss diagnostics: what went wrong with which chunk, when, and what to try.
+
+The detectors are plain functions over loss streams, so they can be tested on synthetic curves and
+run on finished runs; :class:`locallearn.callbacks.Diagnostics` feeds them during training.
+
+* divergence (online): a non-finite loss, or a smoothed loss far above the chunk's starting loss;
+* spikes: a robust z-score (median and MAD over a moving window of earlier steps) above a threshold;
+* plateau: the best val loss improved by less than a relative threshold over N evaluations;
+* overfitting: val loss rising for N evaluations while the train loss falls;
+* underfitting: after warmup, a train loss not clearly below the unigram entropy of the data
+  (what a model that ignores context gets).
+
+Each :class:`Finding` names its chunk (from 1), its step range, the numbers behind it, a likely
+cause and a remedy. Causes use what the run knows: the chunk's learning rate against the run's
+peak, whether the previous chunk shows the same problem at the same time (a chunk trains on the
+previous chunk's output), and the schedule.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+Curve = tuple[list[int], list[float]]  # (steps, values)
+
+
+@dataclass
+class Thresholds:
+    """The detectors' settings (``callbacks.diagnostics.*`` in the config)."""
+
+    diverge_ratio: float = 1.5  # divergence: smoothed train loss above this x the chunk's starting loss
+    diverge_window: int = 20  # steps in the median that smooths the train loss for the divergence test
+    spike_z: float = 6.0  # spike: robust z-score above this
+    spike_window: int = 50  # earlier steps the z-score's median and MAD are taken over
+    plateau_evals: int = 3  # plateau / overfitting: evaluations looked at
+    plateau_rel: float = 0.002  # plateau: best val loss improved by less than this fraction over plateau_evals
+    underfit_margin: float = 0.05  # underfitting: train loss above (1 - margin) x unigram entropy after warmup
+
+
+def check_thresholds(th: Thresholds):
+    """Raise a one-sentence ConfigError for a threshold that cannot work."""
+    from locallearn.errors import ConfigError
+
+    rules = [("diverge_ratio", th.diverge_ratio > 1, "above 1 (a multiple of the starting loss)"),
+             ("diverge_window", th.diverge_window >= 1, "at least 1"),
+             ("spike_z", th.spike_z > 0, "positive"),
+             ("spike_window", th.spike_window >= 10, "at least 10 (steps the median and MAD are taken over)"),
+             ("plateau_evals", th.plateau_evals >= 1, "at least 1"),
+             ("plateau_rel", th.plateau_rel >= 0, "at least 0"),
+             ("underfit_margin", 0 <= th.underfit_margin < 1, "in [0, 1)")]
+    for name, ok, expected in rules:
+        if not ok:
+            raise ConfigError(f"callbacks.diagnostics.{name}={getattr(th, name)} must be {expected}.")
+
+
+@dataclass
+class Context:
+    """What the run knows beyond the losses, used to name causes."""
+
+    lr: dict[int, Curve] = field(default_factory=dict)  # per chunk (from 1): (steps, learning rate)
+    unigram_entropy: float | None = None  # nats: the no-context baseline of one cross-entropy term
+    loss_terms: int = 1  # cross-entropies a chunk's loss sums (span masking: MLM + SBO = 2)
+    warmup_steps: int = 0
+    max_steps: int | None = None
+    loss_weights: list[float] | None = None
+
+
+@dataclass
+class Finding:
+    kind: str  # divergence | spike | plateau | overfitting | underfitting
+    chunk: int  # from 1
+    first_step: int
+    last_step: int
+    evidence: str
+    cause: str
+    remedy: str
+    split: str = "train"  # the loss stream it was found in: train or val
+
+    def line(self) -> str:
+        steps = f"step {self.first_step}" if self.first_step == self.last_step else \
+            f"steps {self.first_step}-{self.last_step}"
+        return (f"chunk {self.chunk}, {steps}: {self.kind} ({self.split}): {self.evidence}. "
+                f"Likely cause: {self.cause}. Try: {self.remedy}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- the detectors ------------------------------------------------------------------------------------
+
+def robust_z(values, window: int) -> np.ndarray:
+    """z[i] = (x[i] - median(x[i-window:i])) / (1.4826 MAD of the same window); nan where fewer than 10
+    earlier values exist. The scale has a floor (1e-3 of the median) so that a flat stretch of values
+    does not turn every tiny wiggle into a spike."""
+    x = np.asarray(values, dtype=float)
+    z = np.full(len(x), np.nan)
+    for i in range(10, len(x)):
+        w = x[max(0, i - window):i]
+        w = w[np.isfinite(w)]
+        if len(w) < 10:
+            continue
+        med = np.median(w)
+        scale = max(1.4826 * np.median(np.abs(w - med)), 1e-3 * abs(med), 1e-12)
+        z[i] = (x[i] - med) / scale
+    return z
+
+
+def find_spikes(steps, values, window: int = 50, z: float = 6.0) -> list[tuple[int, float, float]]:
+    """(step, value, z-score) of every upward spike; consecutive spiking steps count as one spike
+    (its highest point)."""
+    scores = robust_z(values, window)
+    out, run = [], []
+    for i, s in enumerate(scores):
+        if np.isfinite(s) and s > z:
+            run.append(i)
+            continue
+        if run:
+            j = max(run, key=lambda r: scores[r])
+            out.append((int(steps[j]), float(values[j]), float(scores[j])))
+            run = []
+    if run:
+        j = max(run, key=lambda r: scores[r])
+        out.append((int(steps[j]), float(values[j]), float(scores[j])))
+    return out
+
+
+def find_plateaus(steps, values, evals: int = 3, rel: float = 0.002) -> list[tuple[int, int, float]]:
+    """Stretches of evaluations over which the best val loss improved by less than ``rel`` (relative)
+    within every window of ``evals`` evaluations: (first step, last step, improvement over the stretch)."""
+    v = np.asarray(values, dtype=float)
+    flat = []  # (i0, i1): windows of evals+1 points ending at i1 whose best improved by less than rel
+    for i in range(evals, len(v)):
+        before = np.min(v[:i - evals + 1])
+        after = np.min(v[i - evals + 1:i + 1])
+        if np.isfinite(before) and (before - after) < rel * abs(before):
+            flat.append((i - evals, i))
+    merged = []
+    for i0, i1 in flat:
+        if merged and i0 <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], i1)
+        else:
+            merged.append((i0, i1))
+    out = []
+    for i0, i1 in merged:
+        improvement = (np.min(v[:i0 + 1]) - np.min(v[:i1 + 1])) / abs(np.min(v[:i0 + 1]))
+        out.append((int(steps[i0]), int(steps[i1]), float(improvement)))
+    return out
+
+
+def train_at_evals(train: Curve, val_steps) -> list[float]:
+    """Mean train loss over the steps since the previous evaluation, at each evaluation step."""
+    ts, tv = np.asarray(train[0]), np.asarray(train[1], dtype=float)
+    out, prev = [], -math.inf
+    for s in val_steps:
+        sel = (ts > prev) & (ts <= s) & np.isfinite(tv)
+        out.append(float(tv[sel].mean()) if sel.any() else math.nan)
+        prev = s
+    return out
+
+
+def find_overfitting(train: Curve, val: Curve, evals: int = 3) -> list[tuple[int, int, float, float]]:
+    """Stretches where the val loss rose at each of ``evals`` consecutive evaluations while the train
+    loss fell: (first step, last step, val rise, slope of the val - train gap per 1,000 steps)."""
+    steps, v = list(val[0]), np.asarray(val[1], dtype=float)
+    t = np.asarray(train_at_evals(train, steps))
+    out = []
+    i = evals
+    while i < len(v):
+        window = slice(i - evals, i + 1)
+        rising = np.all(np.diff(v[window]) > 0)
+        falling = np.isfinite(t[window]).all() and t[i] < t[i - evals]
+        if not (rising and falling):
+            i += 1
+            continue
+        j = i  # extend while it goes on
+        while j + 1 < len(v) and v[j + 1] > v[j] and np.isfinite(t[j + 1]) and t[j + 1] < t[j]:
+            j += 1
+        s = np.asarray(steps[i - evals:j + 1], dtype=float)
+        gap = v[i - evals:j + 1] - t[i - evals:j + 1]
+        slope = float(np.polyfit(s, gap, 1)[0] * 1000) if len(s) > 1 else math.nan
+        out.append((int(steps[i - evals]), int(steps[j]), float(v[j] - v[i - evals]), slope))
+        i = j + 1
+    return out
+
+
+def underfitting(train: Curve, baseline: float, after_step: int, margin: float = 0.05):
+    """(first step, last step, mean train loss) of the last tenth of the steps after ``after_step`` if that
+    mean is not below (1 - margin) x ``baseline``; None otherwise (or when there is nothing after warmup)."""
+    ts, tv = np.asarray(train[0]), np.asarray(train[1], dtype=float)
+    late = ts > after_step
+    if late.sum() < 10:
+        return None
+    ts, tv = ts[late], tv[late]
+    tail = slice(len(ts) - max(10, len(ts) // 10), None)
+    mean = float(np.nanmean(tv[tail]))
+    if mean < (1 - margin) * baseline:
+        return None
+    return int(ts[tail][0]), int(ts[-1]), mean
+
+
+# -- online divergence test --------------------------------------------------------------------------
+
+class DivergenceWatch:
+    """Fed one loss per chunk and step; says when a chunk diverges (see :func:`check`)."""
+
+    def __init__(self, ratio: float = 1.5, window: int = 20, start_steps: int = 10):
+        self.ratio, self.window, self.start_steps = ratio, window, start_steps
+        self.recent: dict[int, list[float]] = {}
+        self.start: dict[int, float] = {}
+
+    def check(self, chunk: int, loss: float) -> str | None:
+        """The evidence if chunk ``chunk`` has diverged with this loss, else None."""
+        if not math.isfinite(loss):
+            return f"train loss is {loss}"
+        recent = self.recent.setdefault(chunk, [])
+        recent.append(loss)
+        del recent[:-self.window]
+        if chunk not in self.start:
+            if len(recent) >= self.start_steps:
+                self.start[chunk] = float(np.median(recent[:self.start_steps]))
+            return None
+        smoothed = float(np.median(recent))
+        if smoothed > self.ratio * self.start[chunk]:
+            return (f"median train loss over the last {len(recent)} steps is {smoothed:.3f}, above "
+                    f"{self.ratio:g} x its starting value {self.start[chunk]:.3f}")
+        return None
+
+    def state_dict(self) -> dict:
+        return {"recent": self.recent, "start": self.start}
+
+    def load_state_dict(self, state: dict):
+        self.recent = {int(k): list(v) for k, v in state.get("recent", {}).items()}
+        self.start = {int(k): float(v) for k, v in state.get("start", {}).items()}
+
+
+# -- causes and remedies ------------------------------------------------------------------------------
+
+def _lr_at(ctx: Context, chunk: int, step: int) -> float | None:
+    if chunk not in ctx.lr or not ctx.lr[chunk][0]:
+        return None
+    steps, lrs = ctx.lr[chunk]
+    i = int(np.searchsorted(np.asarray(steps), step, side="right")) - 1
+    return float(lrs[max(i, 0)])
+
+
+def _peak_lr(ctx: Context, chunk: int) -> float | None:
+    return max(ctx.lr[chunk][1]) if chunk in ctx.lr and ctx.lr[chunk][1] else None
+
+
+def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def lr_too_high(chunk: int, lr: float | None) -> tuple[str, str]:
+    at = f" (lr {lr:.2e})" if lr is not None else ""
+    return (f"learning rate likely too high for chunk {chunk}{at}",
+            f"lower chunk {chunk}'s learning rate (optim.lr, or optim.chunk_lr per chunk; "
+            f"analysis/lr_range_test.py suggests one), lengthen schedule.warmup_steps or lower grad_clip")
+
+
+def diagnose(train: dict[int, Curve], val: dict[int, Curve], ctx: Context | None = None,
+             th: Thresholds | None = None) -> list[Finding]:
+    """Every finding of the detectors on per-chunk train and val curves (chunks numbered from 1)."""
+    ctx, th = ctx or Context(), th or Thresholds()
+    findings: list[Finding] = []
+    spikes = {k: find_spikes(*train[k], th.spike_window, th.spike_z) for k in sorted(train)}
+    plateaus = {k: find_plateaus(*val[k], th.plateau_evals, th.plateau_rel) for k in sorted(val)}
+
+    for k, found in spikes.items():
+        if not found:
+            continue
+        steps = [s for s, _, _ in found]
+        shown = ", ".join(f"{s} (z={z:.0f})" for s, _, z in found[:8]) + (" ..." if len(found) > 8 else "")
+        upstream = [s for s in steps if any(abs(s - p) <= 1 for p, _, _ in spikes.get(k - 1, []))]
+        if len(upstream) > len(steps) / 2:
+            cause = f"they follow spikes of chunk {k - 1}, whose output is this chunk's input"
+            remedy = f"treat chunk {k - 1}'s spikes first"
+        elif len(found) >= 3:
+            cause, remedy = lr_too_high(k, _lr_at(ctx, k, steps[0]))
+        else:
+            cause = "an unusual batch, or a learning rate near the edge of stability"
+            remedy = f"nothing if they stay rare; if they recur, lower chunk {k}'s learning rate or grad_clip"
+        plural = "s" * (len(found) > 1)
+        findings.append(Finding("spike", k, steps[0], steps[-1], f"{len(found)} spike{plural} at step{plural} {shown}",
+                                cause, remedy))
+
+    for k in sorted(val):
+        if k not in train:
+            continue
+        for first, last, rise, slope in find_overfitting(train[k], val[k], th.plateau_evals):
+            findings.append(Finding(
+                "overfitting", k, first, last,
+                f"val loss rose by {rise:.4f} over steps {first}-{last} while the train loss fell; the val - train "
+                f"gap grows by {slope:.4f} per 1,000 steps",
+                f"chunk {k} fits the training data and stops generalizing",
+                "more data, dropout (model.dropout), more weight decay (optim.weight_decay), or stop earlier "
+                "(checkpoints/best.ckpt holds the lowest val loss)", split="val"))
+
+    overfit = {(f.chunk, f.first_step, f.last_step) for f in findings if f.kind == "overfitting"}
+    for k, found in plateaus.items():
+        # a stall of the best val loss while val rises and train falls is the overfitting found above
+        found = [p for p in found if not any(c == k and _overlaps(p[:2], (a, b)) for c, a, b in overfit)]
+        weight = ctx.loss_weights[k - 1] if ctx.loss_weights and k - 1 < len(ctx.loss_weights) else 1.0
+        for first, last, improvement in found:
+            lr, peak = _lr_at(ctx, k, last), _peak_lr(ctx, k)
+            if weight == 0:
+                cause, remedy = "its loss weight is 0, so it is not trained", "nothing (intended) or give it a weight"
+            elif any(_overlaps((first, last), (a, b)) for a, b, _ in plateaus.get(k - 1, [])):
+                cause = f"its input stopped improving: chunk {k - 1} plateaued over the same steps"
+                remedy = (f"improve chunk {k - 1} first, give chunk {k} more of the model (chunking.boundaries), "
+                          f"let it reach into chunk {k - 1} (overlap=1), or switch to global training (switch.at)")
+            elif lr is not None and peak and lr < 0.2 * peak:
+                cause = f"the schedule has decayed chunk {k}'s learning rate to {lr:.2e} ({lr / peak:.0%} of its peak)"
+                remedy = "expected near the end of a decaying schedule; train longer for more"
+            else:
+                at = f" ({lr:.2e})" if lr is not None else ""
+                cause = f"chunk {k}'s learning rate{at} is too low for progress, or the chunk is at its capacity"
+                remedy = (f"raise chunk {k}'s learning rate (optim.chunk_lr; see analysis/lr_range_test.py) "
+                          f"or give it more blocks")
+            findings.append(Finding("plateau", k, first, last,
+                                    f"best val loss improved by {improvement:.3%} over steps {first}-{last} "
+                                    f"(threshold {th.plateau_rel:.1%} per {th.plateau_evals} evaluations)",
+                                    cause, remedy, split="val"))
+
+    if ctx.unigram_entropy:
+        baseline = ctx.unigram_entropy * ctx.loss_terms
+        for k in sorted(train):
+            weight = ctx.loss_weights[k - 1] if ctx.loss_weights and k - 1 < len(ctx.loss_weights) else 1.0
+            found = underfitting(train[k], baseline, ctx.warmup_steps, th.underfit_margin) if weight else None
+            if not found:
+                continue
+            first, last, mean = found
+            n_spikes = len(spikes.get(k, []))
+            if n_spikes >= 3 or any(f.kind == "divergence" and f.chunk == k for f in findings):
+                cause, remedy = lr_too_high(k, _lr_at(ctx, k, last))
+            else:
+                cause = f"chunk {k} has not learned to use context yet (too few steps, or a learning rate too low)"
+                remedy = "train longer, or raise its learning rate (analysis/lr_range_test.py suggests one)"
+            findings.append(Finding(
+                "underfitting", k, first, last,
+                f"mean train loss {mean:.3f} over steps {first}-{last} is not clearly below the unigram entropy "
+                f"{baseline:.3f} nats (margin {th.underfit_margin:.0%}), the loss of a model that ignores context",
+                cause, remedy))
+    return sorted(findings, key=lambda f: (f.chunk, f.first_step, f.kind))
+
+
+def divergence_finding(chunk: int, step: int, evidence: str, ctx: Context, split: str = "train") -> Finding:
+    cause, remedy = lr_too_high(chunk, _lr_at(ctx, chunk, step))
+    return Finding("divergence", chunk, step, step, evidence, cause, remedy, split=split)
+
+
+def report(findings: list[Finding]) -> str:
+    """Findings as markdown lines (what the console, TensorBoard and diagnostics.json's readers see)."""
+    if not findings:
+        return "No problems found in any chunk's loss curves."
+    return "\n".join(f"- {f.line()}" for f in findings)
