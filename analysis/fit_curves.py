@@ -65,9 +65,10 @@ def main(argv=None) -> int:
             mean, std, lo, hi = fit.predict(r.predict_at)
             fit_rows.append(row | {"a": fit.a, "b": fit.b, "c": fit.c, "a_std": fit.a_std, "b_std": fit.b_std,
                                    "c_std": fit.c_std, "predicted": mean, "predicted_std": std, "p16": lo,
-                                   "p84": hi, "rmse": fit.rmse, "error": ""})
+                                   "p84": hi, "rmse": fit.rmse, "identified": fit.identified, "error": ""})
             md.append(f"| {_name(r)} | {k} | {fit.n} | {fit.a:.3g} ± {fit.a_std:.2g} | {fit.b:.3f} ± {fit.b_std:.3f}"
-                      f" | {fit.c:.4f} ± {fit.c_std:.4f} | {mean:.4f} ± {std:.4f} | {r.predict_at} | {fit.rmse:.4f} |")
+                      f" | {fit.c:.4f} ± {fit.c_std:.4f} | {mean:.4f} ± {std:.4f} | {r.predict_at} | {fit.rmse:.4f} |"
+                      + ("" if fit.identified else " not identified |"))
         loss_plots.curve_fits(r.curves, {k: f for k, f in r.fits.items() if not isinstance(f, str)},
                               out / f"fit_{_name(r)}.png", r.predict_at, title=_name(r)[:80])
 

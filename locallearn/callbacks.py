@@ -330,5 +330,6 @@ def fit_table(fits: dict, predict_at: int | None) -> list[str]:
             mean, std, _, _ = fit.predict(predict_at)
             pred = f"{mean:.4f} ± {std:.4f}"
         rows.append(f"| {k} | {fit.a:.3g} ± {fit.a_std:.2g} | {fit.b:.3f} ± {fit.b_std:.3f} | "
-                    f"{fit.c:.4f} ± {fit.c_std:.4f} | {pred} | {fit.rmse:.4f} |")
+                    f"{fit.c:.4f} ± {fit.c_std:.4f} | {pred} | {fit.rmse:.4f} |"
+                    + ("" if fit.identified else " not identified: the curve is not a power law |"))
     return rows

@@ -68,6 +68,12 @@ class PowerLaw:
     def __call__(self, t):
         return _model((self.a, self.b, self.c), np.asarray(t, dtype=float))
 
+    @property
+    def identified(self) -> bool:
+        """Whether the data pin a and b down (standard errors below the values); a curve that is not a power
+        law (one that rises for a while, say) leaves them free, and its extrapolations mean little."""
+        return self.a_std < self.a and self.b_std < self.b
+
     def predict(self, t: float) -> tuple[float, float, float, float]:
         """(central prediction, bootstrap std, 16th and 84th percentile) of the loss at step t."""
         draws = _model(self.samples.T, float(t))
@@ -77,6 +83,7 @@ class PowerLaw:
     def to_dict(self, predict_at: int | None = None) -> dict:
         out = {"a": self.a, "b": self.b, "c": self.c, "a_std": self.a_std, "b_std": self.b_std,
                "c_std": self.c_std, "asymptote": self.c, "rmse": self.rmse, "points": self.n,
+               "identified": self.identified,
                "steps": [self.first_step, self.last_step]}
         if predict_at:
             mean, std, lo, hi = self.predict(predict_at)
@@ -91,8 +98,9 @@ def fit_power_law(steps, values, n_boot: int = 200, seed: int = 0) -> PowerLaw:
     keep = np.isfinite(y) & (t > 0)
     t, y = t[keep], y[keep]
     if len(t) < MIN_POINTS:
-        raise CurveTooShort(f"{len(t)} usable points (step > 0, finite loss); a power-law fit needs at least "
-                            f"{MIN_POINTS}: evaluate more often (trainer.val_check_interval) or train longer")
+        raise CurveTooShort(f"{len(t)} usable point{'s' * (len(t) != 1)} (step > 0, finite loss); a power-law fit "
+                            f"needs at least {MIN_POINTS}: evaluate more often (trainer.val_check_interval) or train "
+                            f"longer")
     p = _grid_start(t, y)
     resid = _model(p, t) - y
     f_scale = max(1.4826 * float(np.median(np.abs(resid - np.median(resid)))), 1e-6 * float(np.mean(np.abs(y))), 1e-12)

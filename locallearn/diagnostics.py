@@ -5,6 +5,8 @@ run on finished runs; :class:`locallearn.callbacks.Diagnostics` feeds them durin
 
 * divergence (online): a non-finite loss, or a smoothed loss far above the chunk's starting loss;
 * spikes: a robust z-score (median and MAD over a moving window of earlier steps) above a threshold;
+* rising loss: the train loss's median over windows of steps climbs above its best earlier window
+  and stays there (an optimizer that undoes its own progress: mostly a learning rate too high);
 * plateau: the best val loss improved by less than a relative threshold over N evaluations;
 * overfitting: val loss rising for N evaluations while the train loss falls;
 * underfitting: after warmup, a train loss not clearly below the unigram entropy of the data
@@ -35,6 +37,8 @@ class Thresholds:
     plateau_evals: int = 3  # plateau / overfitting: evaluations looked at
     plateau_rel: float = 0.002  # plateau: best val loss improved by less than this fraction over plateau_evals
     underfit_margin: float = 0.05  # underfitting: train loss above (1 - margin) x unigram entropy after warmup
+    rise_window: int = 100  # rising loss: steps per window whose median train loss is compared
+    rise_rel: float = 0.02  # rising loss: medians above this fraction over the best earlier one, 2 windows running
 
 
 def check_thresholds(th: Thresholds):
@@ -47,7 +51,9 @@ def check_thresholds(th: Thresholds):
              ("spike_window", th.spike_window >= 10, "at least 10 (steps the median and MAD are taken over)"),
              ("plateau_evals", th.plateau_evals >= 1, "at least 1"),
              ("plateau_rel", th.plateau_rel >= 0, "at least 0"),
-             ("underfit_margin", 0 <= th.underfit_margin < 1, "in [0, 1)")]
+             ("underfit_margin", 0 <= th.underfit_margin < 1, "in [0, 1)"),
+             ("rise_window", th.rise_window >= 10, "at least 10"),
+             ("rise_rel", th.rise_rel > 0, "positive")]
     for name, ok, expected in rules:
         if not ok:
             raise ConfigError(f"callbacks.diagnostics.{name}={getattr(th, name)} must be {expected}.")
@@ -67,7 +73,7 @@ class Context:
 
 @dataclass
 class Finding:
-    kind: str  # divergence | spike | plateau | overfitting | underfitting
+    kind: str  # divergence | spike | rising loss | plateau | overfitting | underfitting
     chunk: int  # from 1
     first_step: int
     last_step: int
@@ -121,6 +127,32 @@ def find_spikes(steps, values, window: int = 50, z: float = 6.0) -> list[tuple[i
     if run:
         j = max(run, key=lambda r: scores[r])
         out.append((int(steps[j]), float(values[j]), float(scores[j])))
+    return out
+
+
+def find_rising(steps, values, window: int = 100, rel: float = 0.02) -> list[tuple[int, int, float, float]]:
+    """Stretches of at least two consecutive windows of ``window`` steps whose median train loss exceeds the
+    lowest median of the earlier windows by more than ``rel`` (relative): (first step, last step, the best
+    earlier median, the highest median of the stretch)."""
+    ts, v = np.asarray(steps), np.asarray(values, dtype=float)
+    if len(ts) < 2 * window:
+        return []
+    n = len(ts) // window
+    medians = [float(np.nanmedian(v[i * window:(i + 1) * window])) for i in range(n)]
+    out, best, i = [], medians[0], 1
+    while i < n:
+        if medians[i] > (1 + rel) * best:
+            j = i
+            while j + 1 < n and medians[j + 1] > (1 + rel) * best:
+                j += 1
+            if j > i:  # two windows or more: not one unlucky stretch of batches
+                out.append((int(ts[i * window]), int(ts[min((j + 1) * window, len(ts)) - 1]), best,
+                            max(medians[i:j + 1])))
+            best = min(best, *medians[i:j + 1])
+            i = j + 1
+            continue
+        best = min(best, medians[i])
+        i += 1
     return out
 
 
@@ -247,6 +279,13 @@ def _peak_lr(ctx: Context, chunk: int) -> float | None:
     return max(ctx.lr[chunk][1]) if chunk in ctx.lr and ctx.lr[chunk][1] else None
 
 
+def _improved_after(curve: Curve, step: int, rel: float) -> bool:
+    """Whether the best val loss after ``step`` is lower than the best up to it by more than ``rel``."""
+    steps, values = np.asarray(curve[0]), np.asarray(curve[1], dtype=float)
+    before, after = values[steps <= step], values[steps > step]
+    return bool(len(after) and len(before) and np.nanmin(after) < (1 - rel) * np.nanmin(before))
+
+
 def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return a[0] <= b[1] and b[0] <= a[1]
 
@@ -284,6 +323,23 @@ def diagnose(train: dict[int, Curve], val: dict[int, Curve], ctx: Context | None
         findings.append(Finding("spike", k, steps[0], steps[-1], f"{len(found)} spike{plural} at step{plural} {shown}",
                                 cause, remedy))
 
+    rising = {k: find_rising(*train[k], th.rise_window, th.rise_rel) for k in sorted(train)}
+    for k, found in rising.items():
+        for first, last, best, high in found:
+            lr, peak = _lr_at(ctx, k, first), _peak_lr(ctx, k)
+            cause, remedy = lr_too_high(k, lr)
+            if lr is not None and peak:
+                cause += f", {lr / peak:.0%} of its peak"
+            later = [v for s_, v in zip(*train[k]) if s_ > last]
+            if later and np.nanmedian(later[-th.rise_window:]) < best:
+                cause += "; the loss fell below its earlier best only once the schedule lowered the LR"
+            if any(_overlaps((first, last), (a, b)) for a, b, _, _ in rising.get(k - 1, [])):
+                cause += f"; chunk {k - 1}'s loss rose over the same steps, so this chunk's input moved too"
+            findings.append(Finding(
+                "rising loss", k, first, last,
+                f"median train loss per {th.rise_window} steps rose from its best {best:.3f} to {high:.3f} "
+                f"(+{high / best - 1:.1%}) over steps {first}-{last}", cause, remedy))
+
     for k in sorted(val):
         if k not in train:
             continue
@@ -296,10 +352,10 @@ def diagnose(train: dict[int, Curve], val: dict[int, Curve], ctx: Context | None
                 "more data, dropout (model.dropout), more weight decay (optim.weight_decay), or stop earlier "
                 "(checkpoints/best.ckpt holds the lowest val loss)", split="val"))
 
-    overfit = {(f.chunk, f.first_step, f.last_step) for f in findings if f.kind == "overfitting"}
+    explained = {(f.chunk, f.first_step, f.last_step) for f in findings if f.kind in ("overfitting", "rising loss")}
     for k, found in plateaus.items():
-        # a stall of the best val loss while val rises and train falls is the overfitting found above
-        found = [p for p in found if not any(c == k and _overlaps(p[:2], (a, b)) for c, a, b in overfit)]
+        # a stall of the best val loss while the loss rises (or val rises as train falls) is found above
+        found = [p for p in found if not any(c == k and _overlaps(p[:2], (a, b)) for c, a, b in explained)]
         weight = ctx.loss_weights[k - 1] if ctx.loss_weights and k - 1 < len(ctx.loss_weights) else 1.0
         for first, last, improvement in found:
             lr, peak = _lr_at(ctx, k, last), _peak_lr(ctx, k)
@@ -312,6 +368,10 @@ def diagnose(train: dict[int, Curve], val: dict[int, Curve], ctx: Context | None
             elif lr is not None and peak and lr < 0.2 * peak:
                 cause = f"the schedule has decayed chunk {k}'s learning rate to {lr:.2e} ({lr / peak:.0%} of its peak)"
                 remedy = "expected near the end of a decaying schedule; train longer for more"
+            elif _improved_after(val[k], last, th.plateau_rel * th.plateau_evals) and lr is not None and \
+                    _lr_at(ctx, k, val[k][0][-1]) < 0.5 * lr:
+                cause, remedy = lr_too_high(k, lr)
+                cause += "; the val loss improved again only once the schedule lowered the LR"
             else:
                 at = f" ({lr:.2e})" if lr is not None else ""
                 cause = f"chunk {k}'s learning rate{at} is too low for progress, or the chunk is at its capacity"

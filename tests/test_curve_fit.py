@@ -27,7 +27,7 @@ def test_the_fit_recovers_a_b_c_within_5_percent():
     fit = fit_power_law(STEPS, power(a, b, c) + rng.normal(0, 0.002, len(STEPS)))
     assert fit.a == pytest.approx(a, rel=0.05) and fit.b == pytest.approx(b, rel=0.05)
     assert fit.c == pytest.approx(c, rel=0.05)
-    assert 0 < fit.c_std < 0.05 and fit.n == len(STEPS)
+    assert 0 < fit.c_std < 0.05 and fit.n == len(STEPS) and fit.identified
     mean, std, lo, hi = fit.predict(50_000)
     assert mean == pytest.approx(power(a, b, c, 50_000), abs=3 * std + 1e-3) and lo <= mean <= hi
 
@@ -37,6 +37,12 @@ def test_one_bad_evaluation_does_not_drag_the_fit():
     y[7] += 0.5  # an evaluation gone wrong
     fit = fit_power_law(STEPS, y)
     assert fit.c == pytest.approx(1.6, rel=0.05) and fit.b == pytest.approx(0.45, rel=0.1)
+
+
+def test_a_curve_that_is_not_a_power_law_is_flagged():
+    t = np.arange(250, 2001, 250)
+    y = [3.12, 3.09, 3.15, 3.16, 2.97, 2.90, 2.83, 2.75]  # climbs at a too-high LR, falls as it decays
+    assert not fit_power_law(t, y).identified
 
 
 def test_a_curve_too_short_to_fit_gets_a_message():

@@ -19,6 +19,7 @@ from locallearn.diagnostics import (
     diagnose,
     find_overfitting,
     find_plateaus,
+    find_rising,
     find_spikes,
 )
 from locallearn.errors import ConfigError
@@ -55,6 +56,21 @@ def test_a_clean_decreasing_curve_yields_no_finding():
     assert findings == []
 
 
+def test_a_loss_that_climbs_at_the_peak_lr_is_a_learning_rate_too_high():
+    """As with a 10x learning rate: the loss falls during warmup, climbs back at the peak, and falls again only
+    as the schedule decays the LR."""
+    rng = np.random.default_rng(0)
+    shape = np.interp(STEPS, [0, 100, 1000, 2000], [4.2, 2.8, 3.1, 2.7])
+    values = list(shape + rng.normal(0, 0.05, len(STEPS)))
+    lr = (list(STEPS), list(np.interp(STEPS, [0, 100, 2000], [0.0, 0.07, 0.007])))
+    ((first, last, best, high),) = find_rising(STEPS, values, window=100, rel=0.02)
+    assert 100 <= first <= 400 and 1500 <= last <= 1700 and high / best > 1.05  # until back within 2% of the best
+    (finding,) = diagnose({1: (list(STEPS), values)}, {}, Context(lr={1: lr}))
+    assert finding.kind == "rising loss" and "learning rate likely too high for chunk 1" in finding.cause
+    assert "only once the schedule lowered the LR" in finding.cause
+    assert find_rising(*clean_train(), window=100, rel=0.02) == []
+
+
 def test_a_plateau_is_found_and_blamed_on_the_previous_chunk_when_both_stall():
     flat = [3.0 - 0.2 * i for i in range(6)] + [1.8 + 0.0005 * (i % 2) for i in range(8)]  # stalls at eval 6
     steps = EVAL_STEPS[:len(flat)]
@@ -71,6 +87,14 @@ def test_a_plateau_at_a_decayed_learning_rate_is_blamed_on_the_schedule():
     lr = (list(range(1200)), [1e-3 * (1 - s / 1200) + 1e-5 for s in range(1200)])
     (finding,) = diagnose({}, {1: (steps, flat)}, Context(lr={1: lr}))
     assert finding.kind == "plateau" and "schedule has decayed" in finding.cause
+
+
+def test_a_plateau_at_a_high_lr_that_breaks_when_the_lr_decays_is_blamed_on_the_lr():
+    values = [3.0, 2.9, 2.9, 2.9, 2.9, 2.9, 2.5, 2.2]  # stuck while the LR is high, then falls as it decays
+    steps = EVAL_STEPS[:len(values)]
+    lr = (list(range(800)), [0.07 if s < 500 else 0.07 * (800 - s) / 300 for s in range(800)])
+    (finding,) = diagnose({}, {1: (steps, values)}, Context(lr={1: lr}))
+    assert finding.kind == "plateau" and "learning rate likely too high for chunk 1" in finding.cause
 
 
 def test_overfitting_is_found_with_the_gap_trend():
