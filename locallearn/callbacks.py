@@ -331,5 +331,5 @@ def fit_table(fits: dict, predict_at: int | None) -> list[str]:
             pred = f"{mean:.4f} ± {std:.4f}"
         rows.append(f"| {k} | {fit.a:.3g} ± {fit.a_std:.2g} | {fit.b:.3f} ± {fit.b_std:.3f} | "
                     f"{fit.c:.4f} ± {fit.c_std:.4f} | {pred} | {fit.rmse:.4f} |"
-                    + ("" if fit.identified else " not identified: the curve is not a power law |"))
+                    + ("" if fit.identified else " not identified: the data do not pin b and c down |"))
     return rows

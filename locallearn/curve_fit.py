@@ -64,15 +64,17 @@ class PowerLaw:
     first_step: int
     last_step: int
     samples: np.ndarray
+    spread: float = math.inf  # max - min of the fitted values: the loss range the curve spans
 
     def __call__(self, t):
         return _model((self.a, self.b, self.c), np.asarray(t, dtype=float))
 
     @property
     def identified(self) -> bool:
-        """Whether the data pin a and b down (standard errors below the values); a curve that is not a power
-        law (one that rises for a while, say) leaves them free, and its extrapolations mean little."""
-        return self.a_std < self.a and self.b_std < self.b
+        """Whether the data pin the exponent and the asymptote down (b's standard error below b, c's below the
+        range the curve spans). A curve that is not a power law (one that rises for a while, say) leaves them
+        free, and its extrapolations mean little. (A curve that has flattened leaves a loose, which is fine.)"""
+        return self.b_std < self.b and self.c_std < self.spread
 
     def predict(self, t: float) -> tuple[float, float, float, float]:
         """(central prediction, bootstrap std, 16th and 84th percentile) of the loss at step t."""
@@ -113,7 +115,8 @@ def fit_power_law(steps, values, n_boot: int = 200, seed: int = 0) -> PowerLaw:
                         for _ in range(n_boot)])
     std = samples.std(axis=0)
     return PowerLaw(float(p[0]), float(p[1]), float(p[2]), float(std[0]), float(std[1]), float(std[2]),
-                    float(np.sqrt(np.mean(resid ** 2))), len(t), int(t[0]), int(t[-1]), samples)
+                    float(np.sqrt(np.mean(resid ** 2))), len(t), int(t[0]), int(t[-1]), samples,
+                    float(y.max() - y.min()))
 
 
 def _stays_above(gap: np.ndarray, grid: np.ndarray, tol: float) -> float:

@@ -43,6 +43,9 @@ def test_a_curve_that_is_not_a_power_law_is_flagged():
     t = np.arange(250, 2001, 250)
     y = [3.12, 3.09, 3.15, 3.16, 2.97, 2.90, 2.83, 2.75]  # climbs at a too-high LR, falls as it decays
     assert not fit_power_law(t, y).identified
+    rng = np.random.default_rng(1)  # a curve that has flattened: a is loose, but b and c are pinned down
+    flattened = fit_power_law(t, power(2600, 1.7, 2.77, t) + rng.normal(0, 0.004, len(t)))
+    assert flattened.a_std > 0.5 * flattened.a and flattened.identified
 
 
 def test_a_curve_too_short_to_fit_gets_a_message():
