@@ -6,6 +6,7 @@
 """
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from omegaconf import DictConfig
 
 import locallearn  # noqa: F401  (registers the ${ll.*} resolvers conf/ uses)
 from locallearn.config import check_group_choices
-from locallearn.errors import ConfigError, TrainingDiverged
+from locallearn.errors import ConfigError, PipelineError, TrainingDiverged
 from locallearn.train import record_config_error, train
 
 
@@ -33,8 +34,8 @@ def main(cfg: DictConfig) -> float | None:
         # steers away from the setting rather than aborting its study.
         record_config_error(Path(cfg.paths.output_dir), e)
         return math.inf
-    except TrainingDiverged as e:
-        # summary.json (status "diverged: ..."), diagnostics.json and the last good checkpoint are written.
+    except (TrainingDiverged, PipelineError) as e:
+        # summary.json ("diverged: ..." or "failed: ..."), diagnostics.json and the last good checkpoint are kept.
         print(f"error: {e}", file=sys.stderr)
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             sys.exit(1)
@@ -51,6 +52,12 @@ def objective(summary: dict) -> float | None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("RANK", "0") != "0" and "mode=pipeline" in sys.argv:
+        # torchrun rank > 0 of a pipeline run: rank 0 sends the config; no Hydra run directory of its own
+        from locallearn.pipeline import worker_from_env
+
+        worker_from_env()
+        sys.exit(0)
     try:  # before Hydra composes, so that an unknown option gets our one line, not Hydra's search path
         check_group_choices(sys.argv[1:])
     except ConfigError as e:

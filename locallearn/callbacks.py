@@ -9,7 +9,6 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from locallearn import loss_plots
@@ -110,7 +109,11 @@ class RunSummary(L.Callback):
             "parameters": {f"chunk{k + 1}": c for k, c in enumerate(counts)},
             "flops_per_token": {f"chunk{k + 1}": f for k, f in enumerate(pl_module.flops_per_token or [])},
             "parameters_total": sum(p.numel() for p in pl_module.parameters()),
-            "activation_bytes_peak": pl_module.activation_bytes,
+            # the most one process holds (in mode=pipeline each holds only its chunk's)
+            "activation_bytes_peak": max((b for b in getattr(pl_module, "process_activation_bytes",
+                                                            [pl_module.activation_bytes]) if b is not None),
+                                         default=None),
+            "activation_bytes_per_process": getattr(pl_module, "process_activation_bytes", None),
             "cuda_peak_allocated_bytes": pl_module.cuda_peak_bytes,
             "unigram_entropy": datamodule.unigram_entropy() if datamodule is not None else None,
             "vocab_size": pl_module.net.gpt.config.vocab_size,
@@ -181,24 +184,30 @@ class Diagnostics(L.Callback):
             loss_weights=list(pl_module.loss_weights))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not isinstance(outputs, dict) or "losses" not in outputs:
-            return
-        step = trainer.global_step - 1  # the step that just ran, as TensorBoard numbers it
-        losses = torch.stack(list(outputs["losses"])).float().tolist()
-        for k, (loss, lr) in enumerate(zip(losses, outputs["lrs"]), start=1):
+        self._read_records(trainer, pl_module)
+
+    def _read_records(self, trainer, pl_module):
+        diverged = None
+        for k, step, loss, lr in pl_module.take_train_records() if hasattr(pl_module, "take_train_records") else []:
             for history, value in ((self.train, loss), (self.lr, lr)):
                 steps, values = history.setdefault(k, [[], []])
                 steps.append(step)
                 values.append(float(value))
             evidence = self.watch.check(k, loss)
-            if evidence and self.stop_on_divergence:
-                self._diverge(trainer, k, step, evidence, "train")
+            if evidence and diverged is None:
+                diverged = (k, step, evidence)
+        if trainer.world_size > 1:  # every data-parallel rank stops, or none
+            if trainer.strategy.reduce_boolean_decision(diverged is not None, all=False) and diverged is None:
+                diverged = (1, trainer.global_step - 1, "a loss diverged on another data-parallel rank (see its log)")
+        if diverged and self.stop_on_divergence:
+            self._diverge(trainer, *diverged, "train")
 
     def on_validation_end(self, trainer, pl_module):
         # Runs before ModelCheckpoint's own on_validation_end (Lightning puts checkpoint callbacks
         # last), so a non-finite val loss stops the run before diverged weights are saved.
         if trainer.sanity_checking or pl_module.final_val is None:
             return
+        self._read_records(trainer, pl_module)  # all of them, before a checkpoint can save diverged weights
         step = trainer.global_step
         for k, value in enumerate(pl_module.final_val, start=1):
             steps, values = self.val.setdefault(k, [[], []])
@@ -289,6 +298,7 @@ class Diagnostics(L.Callback):
             tb.experiment.flush()
 
     def on_fit_end(self, trainer, pl_module):
+        self._read_records(trainer, pl_module)  # mode=pipeline: the last chunks' last steps arrive at the end
         self._report(trainer, "finished")
 
     def on_exception(self, trainer, pl_module, exception):

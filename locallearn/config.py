@@ -53,3 +53,22 @@ def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None
                 hint = f"choose one of {', '.join(options)}" if options else "it has no options yet"
                 raise ConfigError(f"{group}={value} is not an option of the {group} group; {hint} "
                                   f"(the files in conf/{group}/).")
+
+
+def compose_run_config(output_dir, overrides=(), config_name: str = "config"):
+    """The run config exactly as ``python run.py <overrides>`` would see it, writing to ``output_dir``
+    (for code that runs training without the command line: tests, benchmarks)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    HydraConfig().set_config(cfg)  # what ${hydra:...} resolves against; the job config itself has no hydra node
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg

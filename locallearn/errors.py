@@ -3,6 +3,7 @@
 :class:`ConfigError` is bad user input, raised before any long work starts, with one sentence that
 names the value, what was expected and how to fix it. :class:`TrainingDiverged` stops a run whose
 loss diverged, naming the chunk and the step; its checkpoints and summary are kept.
+:class:`PipelineError` stops a ``mode=pipeline`` run whose chunk process died, naming the chunk.
 """
 
 
@@ -12,3 +13,7 @@ class ConfigError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """A chunk's loss diverged; training stopped. The message names the chunk, the step and what to try."""
+
+
+class PipelineError(RuntimeError):
+    """A chunk's process of a ``mode=pipeline`` run died; the others were stopped, checkpoints kept."""

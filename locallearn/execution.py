@@ -4,6 +4,8 @@
   Every chunk's graph is alive at once.
 * ``sequential``: forward, backward and free each chunk in turn; only one chunk's graph is alive at
   a time, which is where local learning's activation-memory saving comes from.
+* ``pipeline``: the sequential step of each chunk in its own process, all at once
+  (:mod:`locallearn.pipeline`).
 
 The gradient cut inside :meth:`ChunkedGPT.forward_chunk` makes the chunks' graphs disjoint, so both
 modes produce the same gradients (and, with the same seed, the same updates). ``loss_fn(k, h, logits)``
@@ -44,7 +46,9 @@ def sequential_step(net: ChunkedGPT, idx, loss_fn: Callable, backward: Callable,
     return losses
 
 
-MODES = {"joint": joint_step, "sequential": sequential_step}
+# pipeline runs each chunk's sequential step in its own process (locallearn.pipeline); inside one process
+# (the LR range test, say) it is sequential.
+MODES = {"joint": joint_step, "sequential": sequential_step, "pipeline": sequential_step}
 
 
 def get_step(mode: str) -> Callable:

@@ -18,6 +18,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from locallearn.chunked import ChunkedGPT
+from locallearn.ddp import average_gradients
 from locallearn.errors import ConfigError
 from locallearn.execution import get_step, joint_step
 from locallearn.hypergrad import HypergradientLR
@@ -105,6 +106,7 @@ class LocalLearner(L.LightningModule):
         self.activation_bytes: int | None = None  # peak bytes saved for backward in one step
         self.cuda_peak_bytes: int | None = None
         self.flops_per_token: list[dict[str, float]] | None = None  # forward, per chunk: trunk and head
+        self.train_records: list[tuple[int, int, float, float]] = []  # (chunk, step, loss, lr) not yet read
         self.train_seconds = 0.0  # time spent in training steps (not validation) in this process
         self.train_steps_timed = 0
         self._measure_next = True
@@ -199,6 +201,8 @@ class LocalLearner(L.LightningModule):
                 losses = self.step_fn(self.net, prepared.idx, loss_fn, self.manual_backward, self.loss_weights)
         if self._measure_next:
             self.activation_bytes, self._measure_next = meter.peak, False
+        if self.trainer.world_size > 1:  # data parallel (trainer=ddp): the combined batch's gradient
+            average_gradients(self.net.parameters())
         if hypergrad is not None:
             hypergrad.adapt()  # from the raw gradient, before clipping
         norms = self._clip()
@@ -226,7 +230,16 @@ class LocalLearner(L.LightningModule):
                 self.log(f"train/hypergrad/chunk{k + 1}", hypergrad.last_hypergrad[k])
         if self.switch.at is not None:
             self.log("train/global_phase", float(global_phase))
+        step = self.global_step - 1  # the step that just ran, as TensorBoard numbers it
+        values = torch.stack(losses).float().tolist()
+        self.train_records += [(k + 1, step, v, lr) for k, (v, lr) in enumerate(zip(values, lrs))]
         return {"losses": losses, "lrs": lrs}
+
+    def take_train_records(self) -> list[tuple[int, int, float, float]]:
+        """The (chunk, step, loss, lr) of every chunk's training steps since the last call (the diagnostics
+        read them; in mode=pipeline the other chunks' arrive a few steps late)."""
+        records, self.train_records = self.train_records, []
+        return records
 
     # -- timing: tokens/s over training steps only -------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx):

@@ -22,6 +22,7 @@ from locallearn.errors import ConfigError
 from locallearn.execution import get_step
 from locallearn.model import GPT
 from locallearn.module import LocalLearner, check_chunk_lr, check_hypergrad_lr, check_loss_weights
+from locallearn.pipeline import PipelineLearner, check_pipeline
 from locallearn.switch import Switch
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,27 @@ def make_net(cfg: DictConfig, objective, vocab_size: int) -> ChunkedGPT:
     return ChunkedGPT(GPT(model_cfg), plan, instantiate(cfg.head), objective.chunk_module)
 
 
+def make_module(cfg: DictConfig, net: ChunkedGPT, objective, switch: Switch | None = None) -> LocalLearner:
+    """The LightningModule that trains ``net`` as ``cfg`` says (a :class:`PipelineLearner` for mode=pipeline)."""
+    kwargs = dict(
+        mode=cfg.mode,
+        optimizer=optimizer_factory(cfg.optim),
+        scheduler=instantiate(cfg.schedule) if cfg.get("schedule") is not None else None,
+        grad_clip=cfg.grad_clip,
+        loss_weights=cfg.get("loss_weights"),
+        switch=switch or Switch(**cfg.get("switch", {})),
+        seed=cfg.seed,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        chunk_lr=cfg.optim.get("chunk_lr"),
+        hypergrad_lr=cfg.optim.get("hypergrad_lr"),
+    )
+    if cfg.mode != "pipeline" or len(net) == 1:  # one chunk has nothing to pipeline
+        return LocalLearner(net, objective, **kwargs)
+    threads = cfg.get("pipeline", {}).get("threads")
+    return PipelineLearner(net, objective, threads=threads, run_config=kwargs["config"],
+                           vocab_size=net.gpt.config.vocab_size - objective.extra_tokens, **kwargs)
+
+
 def build(cfg: DictConfig) -> Run:
     """Seed, check and instantiate data, model, module and trainer. Nothing is trained yet."""
     output_dir = Path(cfg.paths.output_dir)
@@ -104,23 +126,18 @@ def build(cfg: DictConfig) -> Run:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file to resume from.")
     _check_schedule(cfg)
 
+    if cfg.mode == "pipeline":
+        check_pipeline(cfg)
+    strategy = cfg.trainer.get("strategy")
+    if isinstance(strategy, str) and strategy.startswith("ddp"):
+        raise ConfigError(f"trainer.strategy={strategy} wraps the model in DistributedDataParallel, which syncs "
+                          f"gradients in every backward pass (mode=sequential runs one per chunk); use trainer=ddp, "
+                          f"whose strategy syncs them once per step.")
+
     datamodule = instantiate(cfg.data)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the weights' init does not depend on the data
     net = make_net(cfg, objective, datamodule.vocab_size)
-    module = LocalLearner(
-        net,
-        objective,
-        mode=cfg.mode,
-        optimizer=optimizer_factory(cfg.optim),
-        scheduler=instantiate(cfg.schedule) if cfg.get("schedule") is not None else None,
-        grad_clip=cfg.grad_clip,
-        loss_weights=cfg.get("loss_weights"),
-        switch=switch,
-        seed=cfg.seed,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        chunk_lr=cfg.optim.get("chunk_lr"),
-        hypergrad_lr=cfg.optim.get("hypergrad_lr"),
-    )
+    module = make_module(cfg, net, objective, switch)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -158,10 +175,14 @@ def train(cfg: DictConfig) -> dict:
     run.datamodule.save_vocab(run.output_dir)
     log.info(run.datamodule.describe())
     log.info("chunk plan (%s mode):\n%s", cfg.mode, run.module.net.plan.describe())
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    finally:
+        if hasattr(run.module, "shutdown"):  # mode=pipeline: no worker process outlives its run
+            run.module.shutdown()
     summary_cb = next((c for c in run.trainer.callbacks if type(c).__name__ == "RunSummary"), None)
     summary = summary_cb.summary(run.trainer, run.module, "finished") if summary_cb else {}
-    if summary.get("val_loss"):
+    if summary.get("val_loss") and run.trainer.global_rank == 0:
         losses = ", ".join(f"{k} {v:.4f}" for k, v in summary["val_loss"].items())
         log.info("final val loss: %s | %d steps in %.0f s, %.0f tokens/s | run dir: %s", losses, summary["steps"],
                  summary["wall_time_s"], summary["tokens_per_s"] or 0, run.output_dir)

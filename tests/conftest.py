@@ -3,13 +3,9 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 import locallearn  # noqa: F401  (registers the ${ll.*} resolvers)
-from locallearn.config import PROJECT_ROOT
+from locallearn.config import PROJECT_ROOT, compose_run_config
 
 CONF_DIR = str(PROJECT_ROOT / "conf")
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
@@ -42,16 +38,7 @@ def tiny_overrides(overrides) -> list[str]:
 
 def compose_config(output_dir: Path, *overrides: str):
     """The run config exactly as ``python run.py TINY... overrides...`` would see it, writing to ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*tiny_overrides(overrides), *overrides],
-                      return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    HydraConfig().set_config(cfg)  # what ${hydra:...} resolves against; the job config itself has no hydra node
-    with open_dict(cfg):
-        del cfg.hydra
-    return cfg
+    return compose_run_config(output_dir, [*tiny_overrides(overrides), *overrides])
 
 
 @pytest.fixture

@@ -53,8 +53,9 @@ class TokenDataModule(L.LightningDataModule):
 
     @property
     def tokens_per_batch(self) -> int:
-        """Predicted tokens per training batch."""
-        return self.batch_size * self.block_size
+        """Predicted tokens per training step, over all data-parallel processes."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return self.batch_size * self.block_size * world
 
     def unigram_entropy(self) -> float:
         """Entropy (nats) of the training split's token frequencies: the loss of a model without context."""
@@ -65,7 +66,8 @@ class TokenDataModule(L.LightningDataModule):
     def train_dataloader(self):
         # Start at the trainer's step so that a resumed run continues with the very next batch.
         start = self.trainer.global_step if self.trainer is not None else 0
-        windows = RandomWindows(self.train_tokens, self.block_size, self.batch_size, self.seed, start)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        windows = RandomWindows(self.train_tokens, self.block_size, self.batch_size, self.seed, start, rank, world)
         return DataLoader(windows, batch_size=None, generator=_own_generator())
 
     def val_dataloader(self):

@@ -19,15 +19,23 @@ def gather_windows(tokens: torch.Tensor, starts: torch.Tensor, width: int) -> to
 
 
 class RandomWindows(IterableDataset):
-    """Endless batches (B, block_size + 1) of random windows, starting at batch ``start``."""
+    """Endless batches (B, block_size + 1) of random windows, starting at batch ``start``.
 
-    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int, start: int = 0):
+    With data parallelism (``world`` processes), step n draws one batch of ``world`` x B windows and
+    process ``rank`` takes its B of them: together the processes train on exactly the batch one
+    process with ``world`` x B would.
+    """
+
+    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int, start: int = 0,
+                 rank: int = 0, world: int = 1):
         self.tokens, self.width, self.batch_size = tokens, block_size + 1, batch_size
-        self.seed, self.start = seed, start
+        self.seed, self.start, self.rank, self.world = seed, start, rank, world
 
     def batch(self, n: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + n)
-        return gather_windows(self.tokens, _window_starts(len(self.tokens), self.width, self.batch_size, g), self.width)
+        starts = _window_starts(len(self.tokens), self.width, self.batch_size * self.world, g)
+        return gather_windows(self.tokens, starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size],
+                              self.width)
 
     def __iter__(self):
         n = self.start

@@ -1,0 +1,127 @@
+"""Memory and throughput of local learning, by number of chunks and execution mode.
+
+    python analysis/bench.py                                   # model=small, chunks 1 2 4, every mode, CPU
+    python analysis/bench.py --chunks 1 2 4 8 --set model.n_layer=8 --steps 40
+    python analysis/bench.py --device cuda --set model=base data.batch_size=32
+
+Each configuration trains in a fresh process (locallearn/benchmark.py) through the real config and
+Lightning, with validation and checkpoints off: median step time and tokens/s over --steps steps
+after --warmup, peak bytes saved for backward in one step (the most any one process holds), the CUDA
+allocator peak, the peak resident memory of the processes, the auxiliary heads' share of the forward
+FLOPs. A plain PyTorch loop over the same model (mode joint, K=1) gives the framework overhead.
+Prints a markdown table, the issue's targets, and writes JSON (--out).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_one(overrides, steps, warmup, bare=False, threads=None) -> dict:
+    args = {"overrides": overrides, "steps": steps, "warmup": warmup, "bare": bare, "threads": threads}
+    proc = subprocess.run([sys.executable, "-m", "locallearn.benchmark", json.dumps(args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        setting = dict(o.split("=", 1) for o in overrides)
+        return {"overrides": overrides, "error": tail, "mode": ("bare " if bare else "") + setting.get("mode", "?"),
+                "chunks": int(setting.get("chunks", 0))}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fmt_bytes(b):
+    return "-" if b is None else f"{b / 2**20:,.1f} MB"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--modes", nargs="+", default=["joint", "sequential", "pipeline"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="run-config overrides for every configuration (default: model=small data=synthetic)")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--out", type=Path, default=Path("bench.json"))
+    args = ap.parse_args(argv)
+    if args.steps < 3 or args.warmup < 1:
+        print(f"error: --steps={args.steps} and --warmup={args.warmup} must be at least 3 and 1.", file=sys.stderr)
+        return 2
+    data = [] if any(o.startswith("data=") for o in args.set) else \
+        ["data=synthetic", "data.n_train_tokens=200000", "data.n_val_tokens=20000"]
+    base = ["model=small", *data, f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+            "schedule.warmup_steps=1", *args.set]
+    rows = [run_one([*base, "chunks=1", "mode=joint"], args.steps, args.warmup, bare=True)]
+    for mode in args.modes:
+        for k in args.chunks:
+            if mode == "pipeline" and k == 1:
+                continue  # one chunk has nothing to pipeline: it is sequential
+            rows.append(run_one([*base, f"chunks={k}", f"mode={mode}"], args.steps, args.warmup))
+            print(f"  {mode} chunks={k}: " + (f"{rows[-1]['step_ms']:.1f} ms/step" if "error" not in rows[-1]
+                                               else rows[-1]["error"]), file=sys.stderr)
+    if "pipeline" in args.modes and 2 in args.chunks and args.device == "cpu":
+        # the bound for a 2-process pipeline: each process gets one core, so at best it runs the
+        # sequential step at one thread twice as often
+        one = run_one([*base, "chunks=2", "mode=sequential"], args.steps, args.warmup, threads=1)
+        if "error" not in one:
+            one["mode"] = "sequential, 1 thread"
+            rows.append(one)
+    ok = [r for r in rows if "error" not in r]
+    ref = {r["mode"]: r for r in ok if r["chunks"] == 1}
+    ref["pipeline"] = ref.get("sequential")
+    ref["sequential, 1 thread"] = None
+    print("| mode | chunks | step | tokens/s | step vs K=1 | act. memory (max per process) | vs K=1 | peak RSS "
+          "(max per process) | CUDA peak | aux heads' FLOPs |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['mode']} | {r['chunks']} | error: {r['error']} | | | | | | | |")
+            continue
+        k1 = ref.get(r["mode"])
+        t_ratio = f"{r['step_ms'] / k1['step_ms']:.2f}x" if k1 else "-"
+        m_ratio = f"{r['activation_bytes'] / k1['activation_bytes']:.3f}" if k1 and k1["activation_bytes"] else "-"
+        print(f"| {r['mode']} | {r['chunks']} | {r['step_ms']:.1f} ms | {r['tokens_per_s']:,.0f} | {t_ratio} | "
+              f"{_fmt_bytes(r['activation_bytes'])} | {m_ratio} | {_fmt_bytes(r['peak_rss_bytes'])} | "
+              f"{_fmt_bytes(r['cuda_peak_allocated_bytes'])} | {r['aux_head_flop_share']:.1%} |")
+
+    def get(mode, k):
+        return next((r for r in ok if r["mode"] == mode and r["chunks"] == k), None)
+
+    checks = []
+    s1, s4, s2, p2 = get("sequential", 1), get("sequential", 4), get("sequential", 2), get("pipeline", 2)
+    bare, j1 = get("bare joint", 1), get("joint", 1)
+    if s1 and s4:
+        checks.append(("sequential K=4 activation memory saved vs K=1", 1 - s4["activation_bytes"] /
+                       s1["activation_bytes"], ">= 0.60", 1 - s4["activation_bytes"] / s1["activation_bytes"] >= 0.6))
+        checks.append(("sequential step time K=4 / K=1", s4["step_ms"] / s1["step_ms"], "<= 1.15",
+                       s4["step_ms"] / s1["step_ms"] <= 1.15))
+    if s2 and p2:
+        checks.append(("pipeline K=2 / sequential K=2 tokens/s", p2["tokens_per_s"] / s2["tokens_per_s"], ">= 1.6",
+                       p2["tokens_per_s"] / s2["tokens_per_s"] >= 1.6))
+        one = get("sequential, 1 thread", 2)
+        if one:
+            bound = 2 * one["tokens_per_s"] / s2["tokens_per_s"]
+            checks.append(("  bound: 2 x sequential K=2 at 1 thread / sequential K=2", bound, "(>= 1.6 to be possible)",
+                           bound >= 1.6))
+            checks.append(("  pipeline K=2 / that bound", p2["tokens_per_s"] / (2 * one["tokens_per_s"]), "-", True))
+    if bare and j1:
+        checks.append(("Lightning K=1 / bare PyTorch step time", j1["step_ms"] / bare["step_ms"], "<= 1.10",
+                       j1["step_ms"] / bare["step_ms"] <= 1.10))
+    if checks:
+        print("\n| target | measured | wanted | met |\n|---|---|---|---|")
+        for name, value, wanted, met in checks:
+            print(f"| {name} | {value:.3f} | {wanted} | {'yes' if met else 'no'} |")
+    args.out.write_text(json.dumps({"settings": {"overrides": base, "steps": args.steps, "warmup": args.warmup,
+                                                 "device": args.device, "cpu_count": os.cpu_count()},
+                                    "rows": rows, "targets": [dict(zip(("target", "measured", "wanted", "met"), c))
+                                                              for c in checks]}, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
