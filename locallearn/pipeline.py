@@ -516,12 +516,9 @@ class PipelineLearner(LocalLearner):
 
     def _record(self, k: int, step: int, loss: float, lr: float, norm: float):
         self.train_records.append((k + 1, step, loss, lr))
-        every = self.trainer.log_every_n_steps
-        if (step + 1) % every == 0 or step + 1 == self.trainer.max_steps:
-            metrics = {f"train/loss/chunk{k + 1}": loss, f"train/lr/chunk{k + 1}": lr,
-                       f"train/grad_norm/chunk{k + 1}": norm}
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=step)
+        if self._logs_at(step):
+            self.log_train({f"train/loss/chunk{k + 1}": loss, f"train/lr/chunk{k + 1}": lr,
+                            f"train/grad_norm/chunk{k + 1}": norm}, step)
 
     # -- validation ---------------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):

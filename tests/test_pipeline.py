@@ -144,7 +144,8 @@ def test_lightnings_own_ddp_is_refused(make_cfg):
 def test_bench_runs_on_the_tiny_model_and_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "analysis/bench.py", "--chunks", "1", "2", "--modes", "sequential",
-                           "pipeline", "--steps", "3", "--warmup", "1", "--set", "model=tiny", "--out", str(out)],
+                           "pipeline", "--steps", "3", "--warmup", "1", "--repeats", "1", "--set", "model=tiny",
+                           "--out", str(out)],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
