@@ -61,7 +61,10 @@ class Link:
 
     def __init__(self, rank: int, world: int, addr: str, port: int, timeout_s: float = 1800):
         timeout = datetime.timedelta(seconds=timeout_s)
-        self.store = dist.TCPStore(addr, port, world, rank == 0, timeout=timeout)
+        # Under torchrun the launcher already serves a store on MASTER_PORT: join it, under our own prefix.
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(addr, port, world, rank == 0 and not agent_store, timeout=timeout)
+        self.store = dist.PrefixStore("locallearn_pipeline/", store)
         self.pg = dist.ProcessGroupGloo(self.store, rank, world, timeout)
         self.rank, self.world = rank, world
         self._pending: list = []  # sends in flight: (work, tensors kept alive until it completes)
@@ -372,8 +375,8 @@ class PipelineLearner(LocalLearner):
             for k in range(1, K):
                 self.link.send_object(k, (self.run_config, self.vocab_size, devices[k], self.threads))
         for k, p in enumerate(self.procs, start=1):
-            log.info("pipeline: chunk %d runs in process %d (rank %d, %s, %d CPU threads)", k + 1, p.pid, k, devices[k],
-                     self.threads)
+            log.info("pipeline: chunk %d runs in process %d (rank %d, %s, CPU threads: %d)", k + 1, p.pid, k,
+                     devices[k], self.threads)
 
     def _guard(self, fn, *args):
         """Run a communication; if a worker died, stop the others and raise one line naming it."""

@@ -115,6 +115,17 @@ def test_what_cannot_run_as_a_pipeline_is_refused(make_cfg, overrides, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_torchrun_starts_one_process_per_chunk(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "run.py", "chunks=2", "mode=pipeline",
+           *TINY, f"paths.log_dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()  # rank 1 makes no run directory of its own
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 6
+    assert len(summary["activation_bytes_per_process"]) == 2
+
+
 def test_torchrun_with_the_wrong_number_of_processes_is_refused(make_cfg, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match=r"WORLD_SIZE=3 with chunks=2; launch torchrun --nproc_per_node=2"):
