@@ -17,8 +17,9 @@ losses come back to rank 0 on a side channel, one step late per chunk.
 
 Processes talk through a gloo process group built from a TCP store (not torch's default group,
 which Lightning and torchmetrics would take for data parallelism). Tensors on a GPU are staged
-through host memory. ``python run.py mode=pipeline chunks=K`` starts the K-1 worker processes
-itself; under ``torchrun --nproc_per_node=K`` the ranks are torchrun's.
+through host memory, or sent device to device over NCCL with ``pipeline.backend=nccl``.
+``python run.py mode=pipeline chunks=K`` starts the K-1 worker processes itself; under
+``torchrun --nproc_per_node=K`` the ranks are torchrun's.
 """
 
 import datetime
@@ -45,7 +46,9 @@ log = logging.getLogger(__name__)
 
 TRAIN, VAL, VAL_END, STATE, LOAD, STOP = range(6)
 CHAIN, RESULT, OBJECT = 0, 1, 2  # message tags: the chain, train results to rank 0, pickled objects
-HEADER = 32  # int64 slots: command, step, number of tensors, then (dtype, ndim, d0, d1, d2) per tensor
+HEADER = 64  # int64 slots: command, step, number of tensors, then (dtype, ndim, on device, d0, d1, d2) per tensor
+SLOTS = 6
+MAX_TENSORS = (HEADER - 3) // SLOTS
 DTYPES = [torch.float32, torch.int64, torch.bfloat16, torch.float16]
 PEER_LOST = 3  # exit code of a worker that stops because another process died
 
@@ -57,21 +60,36 @@ def free_port() -> int:
 
 
 class Link:
-    """Ordered point-to-point messages between the pipeline's processes (gloo, host memory)."""
+    """Ordered point-to-point messages between the pipeline's processes.
+
+    Headers, train results and pickled objects always go through gloo in host memory. Tensors on a GPU
+    go through NCCL with ``backend="nccl"`` (device to device), else through gloo via host memory.
+    """
 
     def __init__(self, rank: int, world: int, addr: str, port: int, timeout_s: float = 1800):
-        timeout = datetime.timedelta(seconds=timeout_s)
+        self.timeout = datetime.timedelta(seconds=timeout_s)
         # Under torchrun the launcher already serves a store on MASTER_PORT: join it, under our own prefix.
         agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = dist.TCPStore(addr, port, world, rank == 0 and not agent_store, timeout=timeout)
+        store = dist.TCPStore(addr, port, world, rank == 0 and not agent_store, timeout=self.timeout)
         self.store = dist.PrefixStore("locallearn_pipeline/", store)
-        self.pg = dist.ProcessGroupGloo(self.store, rank, world, timeout)
-        self.rank, self.world = rank, world
-        self._pending: list = []  # sends in flight: (work, tensors kept alive until it completes)
+        self.pg = dist.ProcessGroupGloo(self.store, rank, world, self.timeout)
+        self.rank, self.world, self.device = rank, world, torch.device("cpu")
+        self.nccl = None
+        self._pending: list = []  # sends in flight: (work, tensor kept alive until it completes)
+
+    def use_device(self, device, backend: str = "gloo"):
+        """Where received tensors go; with ``backend="nccl"`` GPU tensors travel device to device."""
+        self.device = torch.device(device)
+        if backend == "nccl":
+            torch.cuda.set_device(self.device)
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = self.timeout
+            self.nccl = dist.ProcessGroupNCCL(dist.PrefixStore("nccl/", self.store), self.rank, self.world, options)
 
     def _send(self, tensors, dst, tag):
         for t in tensors:
-            self._pending.append((self.pg.send([t], dst, tag), t))
+            group = self.nccl if t.is_cuda else self.pg
+            self._pending.append((group.send([t], dst, tag), t))
 
     def wait_sends(self, keep: int = 0):
         """Wait until at most ``keep`` sends are still in flight."""
@@ -80,15 +98,19 @@ class Link:
             work.wait()
 
     def send(self, dst: int, cmd: int, step: int = 0, tensors=(), tag: int = CHAIN):
+        if len(tensors) > MAX_TENSORS:
+            raise ValueError(f"a message holds at most {MAX_TENSORS} tensors, not {len(tensors)}")
         header = torch.zeros(HEADER, dtype=torch.int64)
         header[:3] = torch.tensor([cmd, step, len(tensors)])
         payload = []
         for i, t in enumerate(tensors):
-            t = t.detach().to("cpu").contiguous()
+            on_device = self.nccl is not None and t.is_cuda
+            t = t.detach().contiguous() if on_device else t.detach().to("cpu").contiguous()
             if t.dim() > 3 or t.dtype not in DTYPES:
                 raise ValueError(f"cannot send a {t.dtype} tensor of shape {tuple(t.shape)}")
-            header[3 + 5 * i:3 + 5 * i + 2] = torch.tensor([DTYPES.index(t.dtype), t.dim()])
-            header[5 + 5 * i:5 + 5 * i + t.dim()] = torch.tensor(t.shape)
+            at = 3 + SLOTS * i
+            header[at:at + 3] = torch.tensor([DTYPES.index(t.dtype), t.dim(), int(on_device)])
+            header[at + 3:at + 3 + t.dim()] = torch.tensor(t.shape)
             payload.append(t)
         self.wait_sends(keep=16)  # a bounded number of messages in flight
         self._send([header, *payload], dst, tag)
@@ -99,10 +121,11 @@ class Link:
         cmd, step, n = header[:3].tolist()
         tensors = []
         for i in range(n):
-            code, ndim = header[3 + 5 * i:5 + 5 * i].tolist()
-            shape = header[5 + 5 * i:5 + 5 * i + ndim].tolist()
-            t = torch.empty(shape, dtype=DTYPES[code])
-            self.pg.recv([t], src, tag).wait()
+            at = 3 + SLOTS * i
+            code, ndim, on_device = header[at:at + 3].tolist()
+            shape = header[at + 3:at + 3 + ndim].tolist()
+            t = torch.empty(shape, dtype=DTYPES[code], device=self.device if on_device else "cpu")
+            (self.nccl if on_device else self.pg).recv([t], src, tag).wait()
             tensors.append(t)
         return cmd, step, tensors
 
@@ -258,7 +281,7 @@ def worker_loop(link: Link, module: LocalLearner, max_steps: int, device) -> Non
 
 
 def run_worker(rank: int, world: int, addr: str, port: int, cfg_dict: dict, vocab_size: int, device: str,
-               threads: int) -> None:
+               threads: int, backend: str = "gloo") -> None:
     """Entry point of a worker process: build chunk ``rank``'s module from the run config and serve."""
     from omegaconf import OmegaConf
 
@@ -269,6 +292,7 @@ def run_worker(rank: int, world: int, addr: str, port: int, cfg_dict: dict, voca
     link = None
     try:
         link = Link(rank, world, addr, port)
+        link.use_device(device, backend)
         cfg = OmegaConf.create(cfg_dict)
         from locallearn.train import instantiate
 
@@ -323,7 +347,13 @@ def check_pipeline(cfg) -> None:
     if world is not None and int(world) != K:
         raise ConfigError(f"mode=pipeline needs one process per chunk, but WORLD_SIZE={world} with chunks={K}; "
                           f"launch torchrun --nproc_per_node={K} (or run python run.py without torchrun).")
-    worker_devices(K, str(cfg.trainer.get("accelerator", "auto")))
+    devices = worker_devices(K, str(cfg.trainer.get("accelerator", "auto")))
+    backend = cfg.get("pipeline", {}).get("backend", "gloo")
+    if backend not in ("gloo", "nccl"):
+        raise ConfigError(f"pipeline.backend={backend} must be gloo or nccl.")
+    if backend == "nccl" and (devices[0] == "cpu" or not dist.is_nccl_available()):
+        raise ConfigError("pipeline.backend=nccl moves tensors between GPUs, but this run is on the CPU or this "
+                          "torch has no NCCL; use pipeline.backend=gloo.")
     threads = cfg.get("pipeline", {}).get("threads")
     if threads is not None and int(threads) < 1:
         raise ConfigError(f"pipeline.threads={threads} must be at least 1 (CPU threads per chunk's process).")
@@ -333,14 +363,16 @@ class PipelineLearner(LocalLearner):
     """The :class:`LocalLearner` of rank 0 in ``mode=pipeline``: trains chunk 1 and drives the others.
 
     Args (besides LocalLearner's): ``threads`` (CPU threads per process; None = cores / chunks),
-    ``run_config`` (the resolved config the workers build their chunk from), ``vocab_size``.
+    ``backend`` (gloo, or nccl for GPU tensors device to device), ``run_config`` (the resolved config
+    the workers build their chunk from), ``vocab_size``.
     """
 
-    def __init__(self, *args, threads: int | None = None, run_config: dict | None = None, vocab_size: int = 0,
-                 **kwargs):
+    def __init__(self, *args, threads: int | None = None, backend: str = "gloo", run_config: dict | None = None,
+                 vocab_size: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         K = len(self.net)
         self.threads = threads or max(1, (os.cpu_count() or 1) // K)
+        self.backend = backend
         self.run_config, self.vocab_size = run_config, vocab_size
         self.link: Link | None = None
         self.procs: list = []
@@ -367,13 +399,14 @@ class PipelineLearner(LocalLearner):
             ctx = mp.get_context("spawn")
             for k in range(1, K):
                 p = ctx.Process(target=run_worker, args=(k, K, addr, port, self.run_config, self.vocab_size,
-                                                         devices[k], self.threads), daemon=True)
+                                                         devices[k], self.threads, self.backend), daemon=True)
                 p.start()
                 self.procs.append(p)
         self.link = Link(0, K, addr, port)
         if "WORLD_SIZE" in os.environ:  # the torchrun workers wait for their config
             for k in range(1, K):
-                self.link.send_object(k, (self.run_config, self.vocab_size, devices[k], self.threads))
+                self.link.send_object(k, (self.run_config, self.vocab_size, devices[k], self.threads, self.backend))
+        self.link.use_device(self.device, self.backend)
         for k, p in enumerate(self.procs, start=1):
             log.info("pipeline: chunk %d runs in process %d (rank %d, %s, CPU threads: %d)", k + 1, p.pid, k,
                      devices[k], self.threads)
@@ -559,7 +592,8 @@ def worker_from_env() -> None:
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     link = Link(rank, world, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
-    cfg_dict, vocab_size, device, threads = link.recv_object(0)
+    cfg_dict, vocab_size, device, threads, backend = link.recv_object(0)
+    link.use_device(device, backend)
     torch.set_num_threads(threads)
     quiet_lightning()
     cfg = OmegaConf.create(cfg_dict)

@@ -90,8 +90,9 @@ def make_module(cfg: DictConfig, net: ChunkedGPT, objective, switch: Switch | No
     )
     if cfg.mode != "pipeline" or len(net) == 1:  # one chunk has nothing to pipeline
         return LocalLearner(net, objective, **kwargs)
-    threads = cfg.get("pipeline", {}).get("threads")
-    return PipelineLearner(net, objective, threads=threads, run_config=kwargs["config"],
+    pipeline = cfg.get("pipeline", {})
+    return PipelineLearner(net, objective, threads=pipeline.get("threads"), backend=pipeline.get("backend", "gloo"),
+                           run_config=kwargs["config"],
                            vocab_size=net.gpt.config.vocab_size - objective.extra_tokens, **kwargs)
 
 

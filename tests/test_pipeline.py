@@ -37,10 +37,10 @@ def assert_same_state(a: dict, b: dict, atol=1e-6):
             torch.testing.assert_close(b["optimizer_states"][0]["state"][i][key], state[key], rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("chunks", [2, 3])
-def test_pipeline_makes_the_updates_of_sequential(make_cfg, chunks):
-    seq = make_cfg(f"chunks={chunks}", "mode=sequential")
-    pipe = make_cfg(f"chunks={chunks}", "mode=pipeline")
+@pytest.mark.parametrize("chunks, extra", [(2, []), (3, []), (2, ["objective=span"])], ids=["2", "3", "2-span"])
+def test_pipeline_makes_the_updates_of_sequential(make_cfg, chunks, extra):
+    seq = make_cfg(f"chunks={chunks}", "mode=sequential", *extra)
+    pipe = make_cfg(f"chunks={chunks}", "mode=pipeline", *extra)
     threads = torch.get_num_threads()
     seq_summary, pipe_summary = train(seq), train(pipe)
     assert torch.get_num_threads() == threads  # the pipeline gives back the threads it set
@@ -108,6 +108,9 @@ def test_a_dead_chunk_process_stops_the_run_naming_it_and_keeps_the_checkpoint(t
      "mode=pipeline puts each of the chunks=2 chunks on its own GPU but 0 are visible"
      if not torch.cuda.is_available() else "chunks=99"),
     (["chunks=2", "trainer.devices=2"], "trainer.devices=2 asks Lightning for data parallelism too"),
+    (["chunks=2", "pipeline.backend=mpi"], "pipeline.backend=mpi must be gloo or nccl"),
+    (["chunks=2", "pipeline.backend=nccl", "trainer.accelerator=cpu"],
+     "pipeline.backend=nccl moves tensors between GPUs"),
 ])
 def test_what_cannot_run_as_a_pipeline_is_refused(make_cfg, overrides, message):
     with pytest.raises(ConfigError) as e:
