@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     out = args.out or args.dirs[0] / "fits"
     out.mkdir(parents=True, exist_ok=True)
 
-    md = ["| run | chunk | points | a | b | c (asymptote) | predicted loss | at step | rmse |",
+    md = ["| run | chunk | points | target step | a | b | c (asymptote) | predicted loss at the target step | rmse |",
           "|---|---|---|---|---|---|---|---|---|"]
     fit_rows, switch_rows = [], []
     for r in runs:
@@ -59,16 +59,14 @@ def main(argv=None) -> int:
         for k, fit in sorted(r.fits.items()):
             row = {"run": str(r.run.dir), "chunk": k, "points": len(r.curves[k][0]), "target_step": r.predict_at}
             if isinstance(fit, str):
-                md.append(f"| {_name(r)} | {k} | {row['points']} | not fitted: {fit} | | | | | |")
+                md.append(f"| {_name(r)} | {k} | {row['points']} | {r.predict_at} | not fitted: {fit} | | | | |")
                 fit_rows.append(row | {"error": fit})
                 continue
             mean, std, lo, hi = fit.predict(r.predict_at)
             fit_rows.append(row | {"a": fit.a, "b": fit.b, "c": fit.c, "a_std": fit.a_std, "b_std": fit.b_std,
                                    "c_std": fit.c_std, "predicted": mean, "predicted_std": std, "p16": lo,
                                    "p84": hi, "rmse": fit.rmse, "identified": fit.identified, "error": ""})
-            md.append(f"| {_name(r)} | {k} | {fit.n} | {fit.a:.3g} ± {fit.a_std:.2g} | {fit.b:.3f} ± {fit.b_std:.3f}"
-                      f" | {fit.c:.4f} ± {fit.c_std:.4f} | {mean:.4f} ± {std:.4f} | {r.predict_at} | {fit.rmse:.4f} |"
-                      + ("" if fit.identified else " not identified |"))
+            md.append(f"| {_name(r)} | {k} | {fit.n} | {r.predict_at} | {fit.markdown_cells(r.predict_at)}")
         loss_plots.curve_fits(r.curves, {k: f for k, f in r.fits.items() if not isinstance(f, str)},
                               out / f"fit_{_name(r)}.png", r.predict_at, title=_name(r)[:80])
 

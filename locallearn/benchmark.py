@@ -15,7 +15,6 @@ the configuration's own.
 """
 
 import json
-import math
 import resource
 import statistics
 import sys
@@ -80,7 +79,7 @@ def measure(overrides: list[str], steps: int, warmup: int, threads: int | None =
         times = [b - a for a, b in zip(clock.starts[warmup:], clock.starts[warmup + 1:])]
         step_s = statistics.median(times)
         tokens = run.datamodule.tokens_per_batch
-        per_process = getattr(module, "process_activation_bytes", [module.activation_bytes])
+        per_process = module.process_activation_bytes
         rss = [_rss_bytes()] + [r for r in getattr(module, "worker_rss", [])[1:] if r]
         return {
             "overrides": overrides, "chunks": len(module.net), "mode": module.mode, "steps": steps,
@@ -109,7 +108,6 @@ def measure_bare(overrides: list[str], steps: int, warmup: int, threads: int | N
     step_fn = get_step(module.mode)
     run.datamodule.setup("fit")
     batches = iter(run.datamodule.train_dataloader())
-    limit = module.grad_clip or math.inf
     starts, meter_peak = [], None
     for step in range(warmup + steps):
         starts.append(time.perf_counter())
@@ -127,8 +125,7 @@ def measure_bare(overrides: list[str], steps: int, warmup: int, threads: int | N
         if meter:
             meter.__exit__(None, None, None)
             meter_peak = meter.peak
-        for k in range(len(net)):
-            torch.nn.utils.clip_grad_norm_(net.chunk_parameters(k), limit)
+        module._clip()
         opt.step()
         if sched is not None:
             sched.step()

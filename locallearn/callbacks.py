@@ -12,7 +12,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from locallearn import loss_plots
-from locallearn.curve_fit import CurveTooShort, fit_power_law
+from locallearn.curve_fit import fit_curves
 from locallearn.diagnostics import (
     Context,
     DivergenceWatch,
@@ -22,6 +22,7 @@ from locallearn.diagnostics import (
     diagnose,
     divergence_finding,
     report,
+    warmup_end,
 )
 from locallearn.errors import ConfigError, TrainingDiverged
 
@@ -90,6 +91,7 @@ class RunSummary(L.Callback):
         final = pl_module.final_val
         counts = pl_module.net.parameter_counts()
         plan = pl_module.net.plan
+        per_process = pl_module.process_activation_bytes
         out = {
             "status": status,
             "config": {k: config[k] for k in SUMMARY_CONFIG_KEYS if k in config},
@@ -110,10 +112,8 @@ class RunSummary(L.Callback):
             "flops_per_token": {f"chunk{k + 1}": f for k, f in enumerate(pl_module.flops_per_token or [])},
             "parameters_total": sum(p.numel() for p in pl_module.parameters()),
             # the most one process holds (in mode=pipeline each holds only its chunk's)
-            "activation_bytes_peak": max((b for b in getattr(pl_module, "process_activation_bytes",
-                                                            [pl_module.activation_bytes]) if b is not None),
-                                         default=None),
-            "activation_bytes_per_process": getattr(pl_module, "process_activation_bytes", None),
+            "activation_bytes_peak": max((b for b in per_process if b is not None), default=None),
+            "activation_bytes_per_process": per_process if len(per_process) > 1 else None,
             "cuda_peak_allocated_bytes": pl_module.cuda_peak_bytes,
             "unigram_entropy": datamodule.unigram_entropy() if datamodule is not None else None,
             "vocab_size": pl_module.net.gpt.config.vocab_size,
@@ -243,13 +243,7 @@ class Diagnostics(L.Callback):
             findings = diagnose(train, val, self._context(), self.th)
             if self.diverged is not None:
                 findings = [self.diverged] + [f for f in findings if f.kind != "underfitting"]
-            fits = {}
-            if self.fit_curves:
-                for k, (steps, values) in val.items():
-                    try:
-                        fits[k] = fit_power_law(steps, values)
-                    except CurveTooShort as e:
-                        fits[k] = str(e)
+            fits = fit_curves(val) if self.fit_curves else {}
             self._results = (size, findings, fits)
         return self._results[1], self._results[2]
 
@@ -315,17 +309,6 @@ class Diagnostics(L.Callback):
         self.watch.load_state_dict(state_dict.get("watch", {}))
 
 
-def warmup_end(lr: dict) -> int:
-    """The step at which the LR first reaches its peak (the end of any warmup), at most half the run."""
-    ends = []
-    for steps, values in lr.values():
-        if values:
-            peak = max(values)
-            first = next(s for s, v in zip(steps, values) if v >= 0.99 * peak)
-            ends.append(min(first, steps[len(steps) // 2]))
-    return max(ends) if ends else 0
-
-
 def fit_table(fits: dict, predict_at: int | None) -> list[str]:
     """Markdown rows of each chunk's fit (or why it could not be fitted)."""
     if not fits:
@@ -335,11 +318,5 @@ def fit_table(fits: dict, predict_at: int | None) -> list[str]:
         if isinstance(fit, str):
             rows.append(f"| {k} | not fitted: {fit} | | | | |")
             continue
-        pred = ""
-        if predict_at:
-            mean, std, _, _ = fit.predict(predict_at)
-            pred = f"{mean:.4f} ± {std:.4f}"
-        rows.append(f"| {k} | {fit.a:.3g} ± {fit.a_std:.2g} | {fit.b:.3f} ± {fit.b_std:.3f} | "
-                    f"{fit.c:.4f} ± {fit.c_std:.4f} | {pred} | {fit.rmse:.4f} |"
-                    + ("" if fit.identified else " not identified: the data do not pin b and c down |"))
+        rows.append(f"| {k} | {fit.markdown_cells(predict_at)}")
     return rows

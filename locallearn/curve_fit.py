@@ -82,6 +82,13 @@ class PowerLaw:
         lo, hi = np.percentile(draws, [16, 84])
         return float(self(t)), float(np.std(draws)), float(lo), float(hi)
 
+    def markdown_cells(self, predict_at: int | None = None) -> str:
+        """``a | b | c | predicted loss | rmse |`` with standard errors, as markdown table cells."""
+        pred = "{:.4f} ± {:.4f}".format(*self.predict(predict_at)[:2]) if predict_at else ""
+        note = "" if self.identified else " not identified: the data do not pin b and c down |"
+        return (f"{self.a:.3g} ± {self.a_std:.2g} | {self.b:.3f} ± {self.b_std:.3f} | "
+                f"{self.c:.4f} ± {self.c_std:.4f} | {pred} | {self.rmse:.4f} |{note}")
+
     def to_dict(self, predict_at: int | None = None) -> dict:
         out = {"a": self.a, "b": self.b, "c": self.c, "a_std": self.a_std, "b_std": self.b_std,
                "c_std": self.c_std, "asymptote": self.c, "rmse": self.rmse, "points": self.n,
@@ -117,6 +124,17 @@ def fit_power_law(steps, values, n_boot: int = 200, seed: int = 0) -> PowerLaw:
     return PowerLaw(float(p[0]), float(p[1]), float(p[2]), float(std[0]), float(std[1]), float(std[2]),
                     float(np.sqrt(np.mean(resid ** 2))), len(t), int(t[0]), int(t[-1]), samples,
                     float(y.max() - y.min()))
+
+
+def fit_curves(curves: dict) -> dict:
+    """chunk -> PowerLaw for each (steps, values) curve, or the message saying why it could not be fitted."""
+    fits = {}
+    for k, (steps, values) in curves.items():
+        try:
+            fits[k] = fit_power_law(steps, values)
+        except CurveTooShort as e:
+            fits[k] = str(e)
+    return fits
 
 
 def _stays_above(gap: np.ndarray, grid: np.ndarray, tol: float) -> float:
@@ -171,12 +189,7 @@ def fit_runs(paths, predict_at: int | None = None) -> list[RunFits]:
             if not curve:
                 break
             curves[k] = ([s for s, _ in curve], [v for _, v in curve])
-        fits = {}
-        for k, (steps, values) in curves.items():
-            try:
-                fits[k] = fit_power_law(steps, values)
-            except CurveTooShort as e:
-                fits[k] = str(e)
+        fits = fit_curves(curves)
         last = max((s[-1] for s, _ in curves.values()), default=0)
         out.append(RunFits(record, curves, fits, predict_at or 10 * max(last, 1)))
     return out

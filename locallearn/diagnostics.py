@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from locallearn.errors import ConfigError
+
 Curve = tuple[list[int], list[float]]  # (steps, values)
 
 
@@ -43,8 +45,6 @@ class Thresholds:
 
 def check_thresholds(th: Thresholds):
     """Raise a one-sentence ConfigError for a threshold that cannot work."""
-    from locallearn.errors import ConfigError
-
     rules = [("diverge_ratio", th.diverge_ratio > 1, "above 1 (a multiple of the starting loss)"),
              ("diverge_window", th.diverge_window >= 1, "at least 1"),
              ("spike_z", th.spike_z > 0, "positive"),
@@ -263,6 +263,17 @@ class DivergenceWatch:
     def load_state_dict(self, state: dict):
         self.recent = {int(k): list(v) for k, v in state.get("recent", {}).items()}
         self.start = {int(k): float(v) for k, v in state.get("start", {}).items()}
+
+
+def warmup_end(lr: dict) -> int:
+    """The step at which the LR first reaches its peak (the end of any warmup), at most half the run."""
+    ends = []
+    for steps, values in lr.values():
+        if values:
+            peak = max(values)
+            first = next(s for s, v in zip(steps, values) if v >= 0.99 * peak)
+            ends.append(min(first, steps[len(steps) // 2]))
+    return max(ends) if ends else 0
 
 
 # -- causes and remedies ------------------------------------------------------------------------------

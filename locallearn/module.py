@@ -135,10 +135,13 @@ class LocalLearner(L.LightningModule):
         sched = self.scheduler_factory(opt, total_steps=self.trainer.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def clip_chunk(self, k: int) -> torch.Tensor:
+        """Clip chunk k's gradient norm to ``grad_clip`` on its own; return the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(self.net.chunk_parameters(k), self.grad_clip or math.inf)
+
     def _clip(self) -> list[torch.Tensor]:
         """Clip each chunk's gradient norm on its own; return the norms before clipping."""
-        limit = self.grad_clip if self.grad_clip else math.inf
-        return [torch.nn.utils.clip_grad_norm_(self.net.chunk_parameters(k), limit) for k in range(len(self.net))]
+        return [self.clip_chunk(k) for k in range(len(self.net))]
 
     # -- the local-to-global switch -------------------------------------------------------------
     @property
@@ -272,6 +275,11 @@ class LocalLearner(L.LightningModule):
             # happen (and reach the checkpoint callback) even when max_steps is not a multiple of
             # val_check_interval.
             self.trainer.should_stop = True
+
+    @property
+    def process_activation_bytes(self) -> list[int | None]:
+        """Peak bytes saved for backward in one step, per process (one here; one per chunk in mode=pipeline)."""
+        return [self.activation_bytes]
 
     @property
     def _log_momentum(self) -> bool:

@@ -24,7 +24,6 @@ through host memory, or sent device to device over NCCL with ``pipeline.backend=
 
 import datetime
 import logging
-import math
 import os
 import pickle
 import resource
@@ -183,7 +182,6 @@ class _Chunk:
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]  # before any schedule touches them
         self.scheduler = self._schedule(0)
         self.weight = module.loss_weights[k]
-        self.params = self.net.chunk_parameters(k)
         self.activation_bytes = None
         self.val_sum = self.val_weight = 0.0
 
@@ -197,7 +195,7 @@ class _Chunk:
             scheduler.step()
         return scheduler
 
-    def train(self, step: int, handoff, prepared: Prepared, forward):
+    def train(self, handoff, prepared: Prepared, forward):
         self.net.train()
         meter = SavedTensorMeter(self.net.parameters()) if self.activation_bytes is None else None
         if meter is not None:
@@ -211,8 +209,7 @@ class _Chunk:
         if meter is not None:
             meter.__exit__(None, None, None)
             self.activation_bytes = meter.peak
-        limit = self.module.grad_clip or math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+        norm = self.module.clip_chunk(self.k)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         if self.scheduler is not None:
@@ -236,26 +233,22 @@ def worker_loop(link: Link, module: LocalLearner, max_steps: int, device) -> Non
     plan = module.net.plan
     last = k == K - 1
 
-    def handoff_of(tensors):
-        return {plan[k].start: tensors[0].to(device)}
+    def pass_on(cmd, step, tensors):
+        """What hands this chunk's output (and the batch's targets) to the next chunk."""
+        def send(out):
+            if not last:
+                link.send(k + 1, cmd, step, [out[plan[k + 1].start], *tensors[1:]])
+        return send
 
     while True:
         cmd, step, tensors = link.recv(k - 1)
+        if cmd in (TRAIN, VAL):
+            handoff, prepared = {plan[k].start: tensors[0].to(device)}, _prepared_from(tensors[1:], device)
         if cmd == TRAIN:
-            prepared = _prepared_from(tensors[1:], device)
-
-            def forward(out, step=step, tensors=tensors):
-                if not last:
-                    link.send(k + 1, TRAIN, step, [out[plan[k + 1].start], *tensors[1:]])
-
-            loss, lr, norm = chunk.train(step, handoff_of(tensors), prepared, forward)
+            loss, lr, norm = chunk.train(handoff, prepared, pass_on(TRAIN, step, tensors))
             link.send(0, TRAIN, step, [torch.tensor([loss, lr, norm], dtype=torch.float32)], tag=RESULT)
         elif cmd == VAL:
-            def forward(out, tensors=tensors):
-                if not last:
-                    link.send(k + 1, VAL, 0, [out[plan[k + 1].start], *tensors[1:]])
-
-            chunk.validate(handoff_of(tensors), _prepared_from(tensors[1:], device), forward)
+            chunk.validate(handoff, prepared, pass_on(VAL, 0, tensors))
         elif cmd == VAL_END:
             if not last:
                 link.send(k + 1, VAL_END)
@@ -280,27 +273,28 @@ def worker_loop(link: Link, module: LocalLearner, max_steps: int, device) -> Non
             return
 
 
-def run_worker(rank: int, world: int, addr: str, port: int, cfg_dict: dict, vocab_size: int, device: str,
-               threads: int, backend: str = "gloo") -> None:
-    """Entry point of a worker process: build chunk ``rank``'s module from the run config and serve."""
+def serve(link: Link, cfg_dict: dict, vocab_size: int, device: str, threads: int, backend: str) -> None:
+    """Build chunk ``link.rank``'s module from the run config and serve it until STOP."""
     from omegaconf import OmegaConf
 
-    from locallearn.train import make_module, make_net, quiet_lightning
+    from locallearn.train import instantiate, make_module, make_net, quiet_lightning
 
+    link.use_device(device, backend)
     torch.set_num_threads(threads)
     quiet_lightning()
+    cfg = OmegaConf.create(cfg_dict)
+    objective = instantiate(cfg.objective)
+    torch.manual_seed(cfg.seed)
+    net = make_net(cfg, objective, vocab_size)
+    worker_loop(link, make_module(cfg, net, objective), int(cfg.trainer.max_steps), torch.device(device))
+
+
+def run_worker(rank: int, world: int, addr: str, port: int, *setup) -> None:
+    """Entry point of a self-spawned worker process; ``setup`` is :func:`serve`'s arguments after the link."""
     link = None
     try:
         link = Link(rank, world, addr, port)
-        link.use_device(device, backend)
-        cfg = OmegaConf.create(cfg_dict)
-        from locallearn.train import instantiate
-
-        objective = instantiate(cfg.objective)
-        torch.manual_seed(cfg.seed)
-        net = make_net(cfg, objective, vocab_size)
-        module = make_module(cfg, net, objective)
-        worker_loop(link, module, int(cfg.trainer.max_steps), torch.device(device))
+        serve(link, *setup)
     except Exception as e:  # noqa: BLE001 - a worker reports any failure to rank 0 and exits
         lost = isinstance(e, RuntimeError) and ("Connection closed" in str(e) or "Connection reset" in str(e))
         if link is not None and not lost:
@@ -363,17 +357,15 @@ class PipelineLearner(LocalLearner):
     """The :class:`LocalLearner` of rank 0 in ``mode=pipeline``: trains chunk 1 and drives the others.
 
     Args (besides LocalLearner's): ``threads`` (CPU threads per process; None = cores / chunks),
-    ``backend`` (gloo, or nccl for GPU tensors device to device), ``run_config`` (the resolved config
-    the workers build their chunk from), ``vocab_size``.
+    ``backend`` (gloo, or nccl for GPU tensors device to device). The workers build their chunk from
+    the run config (``config``) and the data's vocabulary size.
     """
 
-    def __init__(self, *args, threads: int | None = None, backend: str = "gloo", run_config: dict | None = None,
-                 vocab_size: int = 0, **kwargs):
+    def __init__(self, *args, threads: int | None = None, backend: str = "gloo", **kwargs):
         super().__init__(*args, **kwargs)
         K = len(self.net)
         self.threads = threads or max(1, (os.cpu_count() or 1) // K)
         self.backend = backend
-        self.run_config, self.vocab_size = run_config, vocab_size
         self.link: Link | None = None
         self.procs: list = []
         self._threads_before: int | None = None
@@ -390,22 +382,26 @@ class PipelineLearner(LocalLearner):
         K = len(self.net)
         self._threads_before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
-        accelerator = str((self.run_config or {}).get("trainer", {}).get("accelerator", "auto"))
-        devices = worker_devices(K, accelerator)
+        config = self.hparams.config
+        devices = worker_devices(K, str(config.get("trainer", {}).get("accelerator", "auto")))
+        vocab_size = self.net.gpt.config.vocab_size - self.objective.extra_tokens
+
+        def setup(k):  # what worker k needs to build its chunk
+            return config, vocab_size, devices[k], self.threads, self.backend
+
         if "WORLD_SIZE" in os.environ:  # torchrun started the other ranks
             addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         else:
             addr, port = "127.0.0.1", free_port()
             ctx = mp.get_context("spawn")
             for k in range(1, K):
-                p = ctx.Process(target=run_worker, args=(k, K, addr, port, self.run_config, self.vocab_size,
-                                                         devices[k], self.threads, self.backend), daemon=True)
+                p = ctx.Process(target=run_worker, args=(k, K, addr, port, *setup(k)), daemon=True)
                 p.start()
                 self.procs.append(p)
         self.link = Link(0, K, addr, port)
         if "WORLD_SIZE" in os.environ:  # the torchrun workers wait for their config
             for k in range(1, K):
-                self.link.send_object(k, (self.run_config, self.vocab_size, devices[k], self.threads, self.backend))
+                self.link.send_object(k, setup(k))
         self.link.use_device(self.device, self.backend)
         for k, p in enumerate(self.procs, start=1):
             log.info("pipeline: chunk %d runs in process %d (rank %d, %s, CPU threads: %d)", k + 1, p.pid, k,
@@ -530,8 +526,7 @@ class PipelineLearner(LocalLearner):
         if meter is not None:
             meter.__exit__(None, None, None)
             self.activation_bytes, self._measure_next = meter.peak, False
-        limit = self.grad_clip or math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.net.chunk_parameters(0), limit)
+        norm = self.clip_chunk(0)
         lr = opt.param_groups[0]["lr"]
         opt.step()
         if self.lr_schedulers() is not None:
@@ -586,18 +581,6 @@ class PipelineLearner(LocalLearner):
 
 def worker_from_env() -> None:
     """A torchrun rank > 0 of a pipeline run: wait for rank 0's config and serve one chunk."""
-    from omegaconf import OmegaConf
-
-    from locallearn.train import instantiate, make_module, make_net, quiet_lightning
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    link = Link(rank, world, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
-    cfg_dict, vocab_size, device, threads, backend = link.recv_object(0)
-    link.use_device(device, backend)
-    torch.set_num_threads(threads)
-    quiet_lightning()
-    cfg = OmegaConf.create(cfg_dict)
-    objective = instantiate(cfg.objective)
-    torch.manual_seed(cfg.seed)
-    net = make_net(cfg, objective, vocab_size)
-    worker_loop(link, make_module(cfg, net, objective), int(cfg.trainer.max_steps), torch.device(device))
+    link = Link(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]))
+    serve(link, *link.recv_object(0))

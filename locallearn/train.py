@@ -92,8 +92,7 @@ def make_module(cfg: DictConfig, net: ChunkedGPT, objective, switch: Switch | No
         return LocalLearner(net, objective, **kwargs)
     pipeline = cfg.get("pipeline", {})
     return PipelineLearner(net, objective, threads=pipeline.get("threads"), backend=pipeline.get("backend", "gloo"),
-                           run_config=kwargs["config"],
-                           vocab_size=net.gpt.config.vocab_size - objective.extra_tokens, **kwargs)
+                           **kwargs)
 
 
 def build(cfg: DictConfig) -> Run:
