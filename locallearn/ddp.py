@@ -22,6 +22,15 @@ class ChunkedDDPStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         _sync_module_states(self.model)  # what the wrapper would do at the start: rank 0's weights everywhere
 
+    def teardown(self) -> None:
+        # Every rank waits for the others, then closes the process group before its process exits: a
+        # rank that exits with gloo's threads still running can abort ("terminate called without an
+        # active exception").
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        super().teardown()
+
 
 @torch.no_grad()
 def average_gradients(params) -> None:
