@@ -8,7 +8,6 @@
 import math
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -16,8 +15,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import locallearn  # noqa: F401  (registers the ${ll.*} resolvers conf/ uses)
-from locallearn.config import check_group_choices
-from locallearn.errors import ConfigError, PipelineError, TrainingDiverged
+from locallearn.config import prepare_command_line
+from locallearn.errors import ConfigError, OutputError, PipelineError, TrainingDiverged
 from locallearn.train import record_config_error, train
 
 
@@ -32,9 +31,9 @@ def main(cfg: DictConfig) -> float | None:
         # In a sweep the other jobs go on: record why this one failed where the reports look for it
         # (analysis/compare.py lists it), and give the sweeper the worst loss, so that an optimizer
         # steers away from the setting rather than aborting its study.
-        record_config_error(Path(cfg.paths.output_dir), e)
+        record_config_error(cfg, e)
         return math.inf
-    except (TrainingDiverged, PipelineError) as e:
+    except (TrainingDiverged, PipelineError, OutputError) as e:
         # summary.json ("diverged: ..." or "failed: ..."), diagnostics.json and the last good checkpoint are kept.
         print(f"error: {e}", file=sys.stderr)
         if HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -51,6 +50,9 @@ def objective(summary: dict) -> float | None:
     return final[-1] if math.isfinite(final[-1]) else math.inf
 
 
+# Overrides whose values are paths (run directories carry "=" and "," in their names): quoted for Hydra.
+PATH_KEYS = ("ckpt_path", "resume", "data.path", "paths.log_dir", "paths.data_dir", "hydra.run.dir", "hydra.sweep.dir")
+
 if __name__ == "__main__":
     if os.environ.get("RANK", "0") != "0" and "mode=pipeline" in sys.argv:
         # torchrun rank > 0 of a pipeline run: rank 0 sends the config; no Hydra run directory of its own
@@ -59,7 +61,7 @@ if __name__ == "__main__":
         worker_from_env()
         sys.exit(0)
     try:  # before Hydra composes, so that an unknown option gets our one line, not Hydra's search path
-        check_group_choices(sys.argv[1:])
+        sys.argv[1:] = prepare_command_line(sys.argv[1:], "config", PATH_KEYS, resume=True)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

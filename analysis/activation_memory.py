@@ -8,14 +8,15 @@ see locallearn.memory), on the CPU, deterministically. Prints a markdown table a
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-import yaml
+from omegaconf import OmegaConf
 
+from locallearn.atomic import write_json
 from locallearn.chunked import ChunkedGPT
 from locallearn.chunking import ChunkPlan
+from locallearn.config import compose_run_config
 from locallearn.execution import MODES
 from locallearn.heads import LinearHead
 from locallearn.memory import SavedTensorMeter
@@ -45,10 +46,15 @@ def main():
     ap.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--out", default="activation_memory.json")
     args = ap.parse_args()
-    preset = {k: v for k, v in yaml.safe_load((CONF / f"{args.model}.yaml").read_text()).items() if k != "_target_"}
-    cfg = GPTConfig(**preset, vocab_size=args.vocab)
+    if not (CONF / f"{args.model}.yaml").is_file():
+        presets = ", ".join(sorted(p.stem for p in CONF.glob("*.yaml")))
+        ap.error(f"--model {args.model} is not a preset in conf/model/ ({presets})")
+    # The preset as the run config composes it (model.causal follows the objective: an interpolation)
+    node = compose_run_config(".", [f"model={args.model}"]).model
+    cfg = GPTConfig(**{k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"},
+                    vocab_size=args.vocab)
     rows = []
-    for mode in MODES:
+    for mode in ("joint", "sequential"):  # pipeline holds per process what sequential holds
         for k in args.chunks:
             rows.append({"model": args.model, "batch": args.batch, "mode": mode, "chunks": k,
                          "bytes": measure(cfg, k, mode, args.batch)})
@@ -57,7 +63,7 @@ def main():
     for r in rows:
         r["ratio"] = r["bytes"] / base[r["mode"]]
         print(f"| {r['mode']} | {r['chunks']} | {r['bytes']:,} | {r['ratio']:.3f} |")
-    Path(args.out).write_text(json.dumps(rows, indent=2))
+    write_json(args.out, rows)
     print(f"\nwrote {args.out}")
 
 

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from locallearn.atomic import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,7 +51,7 @@ def _fmt_bytes(b):
     return "-" if b is None else f"{b / 2**20:,.1f} MB"
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--modes", nargs="+", default=["joint", "sequential", "pipeline"])
@@ -60,7 +62,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per configuration; the fastest counts")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if args.steps < 3 or args.warmup < 1 or args.repeats < 1:
         print(f"error: --steps={args.steps}, --warmup={args.warmup} and --repeats={args.repeats} must be at least 3, "
               f"1 and 1.", file=sys.stderr)
@@ -133,7 +139,7 @@ def main(argv=None) -> int:
         print("\n| target | measured | wanted | met |\n|---|---|---|---|")
         for name, value, wanted, met in checks:
             print(f"| {name} | {value:.3f} | {wanted} | {'yes' if met else 'no'} |")
-    args.out.write_text(json.dumps({"settings": {"overrides": base, "steps": args.steps, "warmup": args.warmup,
+    write_text(args.out, json.dumps({"settings": {"overrides": base, "steps": args.steps, "warmup": args.warmup,
                                                  "repeats": args.repeats,
                                                  "device": args.device, "cpu_count": os.cpu_count()},
                                     "rows": rows, "targets": [dict(zip(("target", "measured", "wanted", "met"), c))

@@ -11,18 +11,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from locallearn.compare import write_report
+from locallearn.compare import report_dir, write_report
+from locallearn.errors import ConfigError
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="multirun or run directories")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: <first dir>/compare)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: <multirun dir>/compare, "
+                        "or <run dir>_compare beside a single run)")
     args = parser.parse_args(argv)
-    out = args.out or args.dirs[0] / "compare"
+    out = args.out or report_dir(args.dirs[0], "compare")
     try:
         write_report(args.dirs, out)
-    except FileNotFoundError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print((out / "compare.md").read_text(encoding="utf-8"))

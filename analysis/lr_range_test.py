@@ -9,7 +9,6 @@ suggestions with the override that applies them: optim.chunk_lr=[...].
 """
 
 import csv
-import json
 import logging
 import sys
 from pathlib import Path
@@ -22,19 +21,21 @@ from torch.utils.tensorboard import SummaryWriter
 
 import locallearn  # noqa: F401  (registers the ${ll.*} resolvers conf/ uses)
 from locallearn import loss_plots
-from locallearn.config import check_group_choices
+from locallearn.atomic import atomic_open, write_json
+from locallearn.checks import LR_RANGE, check_config
+from locallearn.config import prepare_command_line
 from locallearn.errors import ConfigError
 from locallearn.lr_range import RangeSettings, run
+from locallearn.rundir import save_hydra_files
 from locallearn.train import build, quiet_lightning
 
 log = logging.getLogger("locallearn.lr_range")
 
 
 def settings_of(cfg: DictConfig) -> tuple[RangeSettings, str, str]:
+    check_config(cfg, LR_RANGE)
     node = dict(cfg.lr_range)
     suggest, device = node.pop("suggest"), node.pop("device")
-    if suggest not in ("min_loss", "steepest"):
-        raise ConfigError(f"lr_range.suggest={suggest} must be min_loss or steepest.")
     settings = RangeSettings(**node)
     settings.check()
     return settings, suggest, device
@@ -42,6 +43,7 @@ def settings_of(cfg: DictConfig) -> tuple[RangeSettings, str, str]:
 
 def range_test(cfg: DictConfig, out: Path) -> list:
     settings, suggest, device = settings_of(cfg)  # bad settings fail before any data is loaded
+    save_hydra_files(cfg, out)  # hydra.output_subdir is null: .hydra/ is written once the config passed its checks
     quiet_lightning()
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
@@ -57,7 +59,7 @@ def range_test(cfg: DictConfig, out: Path) -> list:
                 tb.add_scalar(f"lr_range/smoothed/chunk{k}", s, i)
 
     results = run(r.module, r.datamodule.train_dataloader(), settings, device, on_step)
-    with (out / "lr_range.csv").open("w", newline="") as f:
+    with atomic_open(out / "lr_range.csv", newline="") as f:
         w = csv.writer(f)
         w.writerow(["chunk", "step", "lr", "loss", "smoothed"])
         for c in results:
@@ -66,14 +68,14 @@ def range_test(cfg: DictConfig, out: Path) -> list:
     rows = [{"chunk": c.chunk, "steepest": c.steepest, "min_loss_lr": c.min_loss_lr, "min_loss_over_10":
              c.min_loss_lr / 10, "min_loss": c.min_loss, "diverged_at": c.diverged_at, "note": c.note}
             for c in results]
-    with (out / "suggestions.csv").open("w", newline="") as f:
+    with atomic_open(out / "suggestions.csv", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     chosen = [c.suggestion(suggest) for c in results]
     override = "optim.chunk_lr=[" + ",".join(f"{lr:.3g}" for lr in chosen) + "]"
-    (out / "suggestions.json").write_text(json.dumps({"settings": vars(settings), "suggest": suggest,
-                                                      "override": override, "chunks": rows}, indent=2))
+    write_json(out / "suggestions.json", {"settings": vars(settings) | {"ema_factor": settings.ema_factor},
+                                          "suggest": suggest, "override": override, "chunks": rows})
     png = loss_plots.lr_range(results, out / "lr_range.png")
     tb.add_image("lr_range", matplotlib.image.imread(str(png))[..., :3], 0, dataformats="HWC")
     table = ["| chunk | steepest descent | min-loss LR / 10 | lowest smoothed loss | diverged at |",
@@ -82,6 +84,9 @@ def range_test(cfg: DictConfig, out: Path) -> list:
               + (f"{c.diverged_at:.2e}" if c.diverged_at else "-") + " |" for c in results]
     tb.add_text("lr_range", "\n".join(table) + f"\n\napply: `{override}`", 0)
     tb.close()
+    beta = settings.ema_factor
+    print(f"smoothed loss: bias-corrected EMA, factor {beta:.3f} (a window of {1 / (1 - beta):.0f} steps of "
+          f"{settings.steps})")
     print("\n".join(table))
     for c in results:
         if c.note:
@@ -100,8 +105,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        check_group_choices(sys.argv[1:])
+    try:  # before Hydra composes: our one line for a bad option or key, and path values quoted
+        sys.argv[1:] = prepare_command_line(sys.argv[1:], "lr_range_test", ("data.path", "paths.log_dir"))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,7 +1,6 @@
 """Callbacks that turn a run into the outputs a researcher reads: summary.json, the TensorBoard layout,
 and the per-chunk loss diagnostics."""
 
-import json
 import logging
 import math
 import time
@@ -12,6 +11,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from locallearn import loss_plots
+from locallearn.atomic import write_json
 from locallearn.curve_fit import fit_curves
 from locallearn.diagnostics import (
     Context,
@@ -37,6 +37,7 @@ CHARTS = {
     "train loss": r"^train/loss/chunk\d+$",
     "val loss": r"^val/loss/chunk\d+$",
     "val bits per token": r"^val/bpc/chunk\d+$",
+    "val bits, summed over loss terms": r"^val/bits_sum/chunk\d+$",  # objective=span: MLM + SBO
     "gradient norm": r"^train/grad_norm/chunk\d+$",
     "learning rate": r"^train/lr/chunk\d+$",
     "momentum": r"^train/momentum/chunk\d+$",
@@ -125,19 +126,19 @@ class RunSummary(L.Callback):
         return out
 
     def _write(self, trainer, pl_module, status):
-        if trainer.global_rank != 0:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.summary(trainer, pl_module, status), indent=2))
+        if trainer.global_rank == 0:
+            write_json(self.path, self.summary(trainer, pl_module, status))
 
     def on_fit_end(self, trainer, pl_module):
         self._write(trainer, pl_module, "finished")
 
     def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, TrainingDiverged):
-            self._write(trainer, pl_module, f"diverged: {exception}")
-        else:
-            self._write(trainer, pl_module, f"failed: {type(exception).__name__}: {exception}")
+        status = (f"diverged: {exception}" if isinstance(exception, TrainingDiverged)
+                  else f"failed: {type(exception).__name__}: {exception}")
+        try:
+            self._write(trainer, pl_module, status)
+        except OSError as e:  # the disk that failed the run may fail this too: the first error is the one to report
+            log.warning("could not write %s: %s", self.path, e)
 
 
 class Diagnostics(L.Callback):
@@ -147,13 +148,16 @@ class Diagnostics(L.Callback):
     checkpoint could save diverged weights, so ``last.ckpt`` is the last good state). At the end of fit
     (or when fit fails) the findings go to the console, to TensorBoard as text and to
     ``diagnostics.json``, and each chunk's val curve gets a power-law fit (``curve_fit.png``, and
-    ``curve_fit`` in summary.json). Steps are numbered as on TensorBoard's x-axis.
+    ``curve_fit`` in summary.json), extrapolated to ``predict_step`` only where the chunk's recorded LR
+    stayed constant under the fitted points and the data identify the fit (see
+    :mod:`locallearn.curve_fit`). Steps are numbered as on TensorBoard's x-axis.
 
     Args:
         path: where ``diagnostics.json`` goes (the figure goes next to it).
         stop_on_divergence: stop the run when a chunk diverges (else it is only reported).
         fit_curves: fit L(t) = a t^-b + c to each chunk's val curve at the end of fit.
-        predict_step: the step the fits predict the loss at; null = 10 x trainer.max_steps.
+        predict_step: the step the fits predict the loss at (fits that may be extrapolated); null = 10 x
+            trainer.max_steps.
         **thresholds: the fields of :class:`locallearn.diagnostics.Thresholds`.
     """
 
@@ -221,8 +225,9 @@ class Diagnostics(L.Callback):
 
     def _diverge(self, trainer, chunk: int, step: int, evidence: str, split: str):
         self.diverged = divergence_finding(chunk, step, evidence, self._context(), split)
-        ckpt = next((cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.last_model_path), None)
-        kept = (f"; the last good checkpoint is {ckpt} (step {self.val[1][0][-1]})" if ckpt and self.val.get(1)
+        # The step last.ckpt really holds (Checkpoints.last_step): the latest validation before this one.
+        ckpt = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "last_step", None) is not None), None)
+        kept = (f"; the last good checkpoint is {ckpt.last_model_path} (step {ckpt.last_step})" if ckpt
                 else "; no checkpoint was saved before it")
         raise TrainingDiverged(f"chunk {chunk} diverged at step {step}: {evidence}; {self.diverged.cause}, so "
                                f"{self.diverged.remedy}{kept}.")
@@ -243,7 +248,7 @@ class Diagnostics(L.Callback):
             findings = diagnose(train, val, self._context(), self.th)
             if self.diverged is not None:
                 findings = [self.diverged] + [f for f in findings if f.kind != "underfitting"]
-            fits = fit_curves(val) if self.fit_curves else {}
+            fits = fit_curves(val, self._context().lr) if self.fit_curves else {}  # the LR decides extrapolation
             self._results = (size, findings, fits)
         return self._results[1], self._results[2]
 
@@ -255,7 +260,8 @@ class Diagnostics(L.Callback):
         findings, fits = self.results()
         at = self._predict_at(trainer)
         out = {"diagnostics": {"findings": len(findings),
-                               "by_kind": {kind: sorted({f.chunk for f in findings if f.kind == kind})
+                               "by_kind": {kind: sorted({c for f in findings if f.kind == kind
+                                                         for c in (f.chunks or [f.chunk])})
                                            for kind in sorted({f.kind for f in findings})},
                                "diverged": self.diverged.to_dict() if self.diverged else None}}
         if self.fit_curves:
@@ -268,10 +274,8 @@ class Diagnostics(L.Callback):
             return
         findings, fits = self.results()
         at = self._predict_at(trainer)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({
-            "status": status, "thresholds": asdict(self.th), "findings": [f.to_dict() for f in findings],
-            **self.summary_fields(trainer)}, indent=2))
+        write_json(self.path, {"status": status, "thresholds": asdict(self.th),
+                               "findings": [f.to_dict() for f in findings], **self.summary_fields(trainer)})
         text = report(findings)
         fit_lines = fit_table(fits, at)
         if findings:
@@ -297,7 +301,10 @@ class Diagnostics(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         status = "diverged" if isinstance(exception, TrainingDiverged) else f"failed: {type(exception).__name__}"
-        self._report(trainer, status)
+        try:
+            self._report(trainer, status)
+        except OSError as e:  # the disk that failed the run may fail this too: the first error is the one to report
+            log.warning("could not write %s: %s", self.path, e)
 
     # -- resume -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

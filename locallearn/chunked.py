@@ -5,9 +5,15 @@ a detached copy of its input, so the chunk's local loss can only reach that chun
 its head. With one chunk there is nothing to cut and the pass is ordinary end-to-end backprop.
 With ``overlap`` the cut moves down into the previous chunk, and with ``local = False`` (the global
 phase after a local-to-global switch) there is no cut at all.
+
+An overlapping chunk recomputes the previous chunk's last blocks from the cut. With dropout, the
+recomputation replays the random state the previous chunk's forward drew its masks from, so the
+gradient goes through the very sample that produced the value handed on (as activation
+checkpointing's ``preserve_rng_state`` does), and the replay leaves the global random stream as it was.
 """
 
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -21,7 +27,8 @@ class ChunkedGPT(nn.Module):
     """A GPT split by a :class:`ChunkPlan`.
 
     ``forward_chunk(k, x)``: chunk k's input (token ids (B, T) for k = 0, else the hand-off dict
-    returned by chunk k-1) -> (hand-off for chunk k+1, its output h (B, T, C), its head's logits (B, T, V)).
+    returned by chunk k-1: hidden states by block index and, under ``"rng"``, the random state to replay)
+    -> (hand-off for chunk k+1, its output h (B, T, C), its head's logits (B, T, V)).
     ``make_head(cfg)`` builds the auxiliary heads; ``make_extra(cfg)`` (optional) builds one more
     module per chunk that the objective needs (the span-boundary network).
     """
@@ -47,20 +54,34 @@ class ChunkedGPT(nn.Module):
         own = handoff[chunk.start]  # the previous chunk's output
         if not self.local:
             return own
-        h = handoff[chunk.cut].detach()  # the gradient cut: no gradient crosses it
         if chunk.cut == chunk.start:
-            return h
-        for i in range(chunk.cut, chunk.start):  # overlap: recompute the previous chunk's last blocks
-            h = self.gpt.blocks[i](h)
-        # The value handed on is the previous chunk's own output; the gradient goes through the recomputation.
+            return handoff[chunk.cut].detach()  # the gradient cut: no gradient crosses it
+        h = self.recompute_overlap(k, handoff)
+        # The value handed on is the previous chunk's own output (bit for bit what the recomputation gives,
+        # but not left to it); the gradient goes through the recomputation.
         return own.detach() + (h - h.detach())
+
+    def recompute_overlap(self, k: int, handoff: dict):
+        """(B, T, C): the blocks chunk k overlaps, run again from the detached cut under the random state
+        their first run drew dropout masks from (recorded in ``handoff``), so with the same masks."""
+        chunk = self.plan[k]
+        h = handoff[chunk.cut].detach()  # the gradient cut: no gradient crosses it
+        with _replaying(handoff["rng"], h.device) if "rng" in handoff else nullcontext():
+            for i in range(chunk.cut, chunk.start):
+                h = self.gpt.blocks[i](h)
+        return h
 
     def forward_chunk(self, k: int, x):
         chunk = self.plan[k]
         h = self.gpt.embed(x) if k == 0 else self._input(k, x)  # (B, T, C)
-        keep = {self.plan[k + 1].cut, self.plan[k + 1].start} if k + 1 < len(self.plan) else set()
+        nxt = self.plan[k + 1] if k + 1 < len(self.plan) else None
+        keep = {nxt.cut, nxt.start} if nxt is not None else set()
+        # Only a training forward draws dropout masks, and only a local step recomputes the overlap.
+        replay = nxt is not None and nxt.cut < nxt.start and self.training and self.local
         handoff = {chunk.start: h} if chunk.start in keep else {}  # an overlap that spans this whole chunk
         for i in chunk.layers:
+            if replay and i == nxt.cut:
+                handoff["rng"] = _rng_state(h.device)  # what chunk k+1's recomputation replays
             h = self.gpt.blocks[i](h)
             if i + 1 in keep:
                 handoff[i + 1] = h
@@ -121,3 +142,19 @@ class ChunkedGPT(nn.Module):
             x = nxt
         self.train(was_training)
         return out
+
+
+def _rng_state(device: torch.device) -> tuple:
+    """The random state dropout draws from on ``device``: the CPU generator's, and the GPU's when on one."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextmanager
+def _replaying(state: tuple, device: torch.device):
+    """Run under a recorded random state; the global random stream continues afterwards as if nothing ran."""
+    cpu, gpu = state
+    with torch.random.fork_rng(devices=[device] if gpu is not None else []):
+        torch.set_rng_state(cpu)
+        if gpu is not None:
+            torch.cuda.set_rng_state(gpu, device)
+        yield

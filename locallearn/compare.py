@@ -15,6 +15,9 @@ from statistics import mean, stdev
 
 import yaml
 
+from locallearn.atomic import atomic_open, write_text
+from locallearn.errors import ConfigError
+
 # Overrides that do not change what a run computes (or are the seed itself): not part of a group's identity.
 IGNORED = ("seed", "trainer.enable_progress_bar", "ckpt_path", "paths", "hydra")
 # Overrides that say how a model is cut into chunks: the matching end-to-end group differs in these only.
@@ -43,6 +46,13 @@ class RunRecord:
         return self.summary.get("config", {}).get("seed", self.overrides.get("seed"))
 
 
+def report_dir(first: Path, name: str) -> Path:
+    """Where a report of ``first`` goes by default: ``<multirun dir>/<name>``, or beside a single run
+    (``<run dir>_<name>``), never inside a run directory (a run directory changes only through its run)."""
+    first = Path(first)
+    return first.with_name(f"{first.name}_{name}") if _is_run(first) else first / name
+
+
 def _is_run(path: Path) -> bool:
     return (path / ".hydra").is_dir() or (path / "summary.json").is_file()
 
@@ -52,9 +62,12 @@ def collect(paths) -> list[RunRecord]:
     records = []
     for path in map(Path, paths):
         if not path.is_dir():
-            raise FileNotFoundError(f"{path} is not a directory; pass run or multirun directories.")
+            raise ConfigError(f"{path} is not a directory; pass run or multirun directories.")
         dirs = [path] if _is_run(path) else sorted((p for p in path.iterdir() if p.is_dir() and _is_run(p)),
                                                     key=_job_order)
+        if not dirs:
+            raise ConfigError(f"{path} holds no run (no summary.json or .hydra/ in it or in its subdirectories); "
+                              f"pass a run directory or a multirun directory.")
         records += [read_run(d) for d in dirs]
     return records
 
@@ -232,15 +245,14 @@ def write_report(paths, out_dir) -> tuple[list[Group], list[RunRecord]]:
     records = collect(paths)
     all_groups = groups(records)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text(markdown(all_groups, records), encoding="utf-8")
+    write_text(out / "compare.md", markdown(all_groups, records))
     rows = table_rows(all_groups)
-    with (out / "compare.csv").open("w", newline="") as f:
+    with atomic_open(out / "compare.csv", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["group"])
         w.writeheader()
         for r in rows:
             w.writerow({k: json.dumps(v) if isinstance(v, list) else ("" if v is None else v) for k, v in r.items()})
-    with (out / "runs.csv").open("w", newline="") as f:
+    with atomic_open(out / "runs.csv", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "group", "seed", "status", "last_val_loss", "wall_s"])
         for r in records:

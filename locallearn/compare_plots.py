@@ -8,6 +8,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from locallearn.atomic import save_figure  # noqa: E402
 from locallearn.compare import Group, common_items, label  # noqa: E402
 
 
@@ -18,7 +19,7 @@ def _namer(all_groups):
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

@@ -6,6 +6,12 @@ residuals' MAD) so that one bad evaluation does not drag the curve. Uncertainty 
 bootstrap: the fit is repeated on the fitted curve plus resampled residuals, and the spread of the
 refits gives standard errors of a, b, c and intervals for predictions far beyond the data.
 
+A fit is extrapolated (a predicted loss, a switch step, a curve drawn past the data) only when that
+means something: not when the learning rate changed under the fitted points (:func:`lr_note`: a
+curve fitted while a cosine schedule anneals bends because the LR falls, and a power law carries
+that bend on forever), and not when the data do not identify the fit (:attr:`PowerLaw.identified`).
+:attr:`PowerLaw.not_extrapolated` says which, in words.
+
 :func:`gap_crossing` answers "when should a local run switch to global training?": the step from which
 the local run's predicted loss stays more than a tolerance above the end-to-end run's.
 """
@@ -17,6 +23,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 MIN_POINTS = 5  # three parameters and at least two degrees of freedom
+LR_TOLERANCE = 0.05  # an LR whose range over the fitted steps exceeds this fraction of its peak is not constant
 
 
 class CurveTooShort(ValueError):
@@ -65,6 +72,7 @@ class PowerLaw:
     last_step: int
     samples: np.ndarray
     spread: float = math.inf  # max - min of the fitted values: the loss range the curve spans
+    schedule_note: str = ""  # why the LR under the fitted points rules out extrapolating (:func:`lr_note`), or ""
 
     def __call__(self, t):
         return _model((self.a, self.b, self.c), np.asarray(t, dtype=float))
@@ -76,6 +84,16 @@ class PowerLaw:
         free, and its extrapolations mean little. (A curve that has flattened leaves a loose, which is fine.)"""
         return self.b_std < self.b and self.c_std < self.spread
 
+    @property
+    def not_extrapolated(self) -> str:
+        """Why the fit must not be extrapolated beyond its data ("" when it may be)."""
+        if self.schedule_note:
+            return self.schedule_note
+        if not self.identified:
+            return (f"not identified: the data do not pin the exponent and the asymptote down (b = {self.b:.3f} "
+                    f"± {self.b_std:.3f}, c = {self.c:.3f} ± {self.c_std:.3f})")
+        return ""
+
     def predict(self, t: float) -> tuple[float, float, float, float]:
         """(central prediction, bootstrap std, 16th and 84th percentile) of the loss at step t."""
         draws = _model(self.samples.T, float(t))
@@ -83,18 +101,23 @@ class PowerLaw:
         return float(self(t)), float(np.std(draws)), float(lo), float(hi)
 
     def markdown_cells(self, predict_at: int | None = None) -> str:
-        """``a | b | c | predicted loss | rmse |`` with standard errors, as markdown table cells."""
-        pred = "{:.4f} ± {:.4f}".format(*self.predict(predict_at)[:2]) if predict_at else ""
-        note = "" if self.identified else " not identified: the data do not pin b and c down |"
+        """``a | b | c | predicted loss | rmse |`` with standard errors, as markdown table cells (the prediction
+        cell says why there is none when the fit is not extrapolated)."""
+        if self.not_extrapolated:
+            pred = f"not extrapolated: {self.not_extrapolated}"
+        else:
+            pred = "{:.4f} ± {:.4f}".format(*self.predict(predict_at)[:2]) if predict_at else ""
         return (f"{self.a:.3g} ± {self.a_std:.2g} | {self.b:.3f} ± {self.b_std:.3f} | "
-                f"{self.c:.4f} ± {self.c_std:.4f} | {pred} | {self.rmse:.4f} |{note}")
+                f"{self.c:.4f} ± {self.c_std:.4f} | {pred} | {self.rmse:.4f} |")
 
     def to_dict(self, predict_at: int | None = None) -> dict:
         out = {"a": self.a, "b": self.b, "c": self.c, "a_std": self.a_std, "b_std": self.b_std,
                "c_std": self.c_std, "asymptote": self.c, "rmse": self.rmse, "points": self.n,
                "identified": self.identified,
                "steps": [self.first_step, self.last_step]}
-        if predict_at:
+        if self.not_extrapolated:
+            out["not_extrapolated"] = self.not_extrapolated
+        elif predict_at:
             mean, std, lo, hi = self.predict(predict_at)
             out["predicted"] = {"step": int(predict_at), "loss": mean, "std": std, "p16": lo, "p84": hi}
         return out
@@ -126,14 +149,45 @@ def fit_power_law(steps, values, n_boot: int = 200, seed: int = 0) -> PowerLaw:
                     float(y.max() - y.min()))
 
 
-def fit_curves(curves: dict) -> dict:
-    """chunk -> PowerLaw for each (steps, values) curve, or the message saying why it could not be fitted."""
+def lr_note(lr, first_step: int, last_step: int, tol: float = LR_TOLERANCE) -> str:
+    """Why the learning rate a chunk used rules out extrapolating a fit of its val points from ``first_step``
+    to ``last_step`` ("" if it does not); ``lr`` is the (steps, LR) the run recorded, or None.
+
+    The rule: the LR at the recorded steps among the fitted ones, from the end of warmup on (the first step at
+    which the LR comes within ``tol`` of its peak), must stay within ``tol`` x its largest value there. A cosine
+    or one-cycle schedule that decays to the end fails it ("decays": it only falls there), and so does a cyclic
+    or hypergradient LR ("varies"). Fewer than two recorded steps in that range is no evidence either way (a
+    run that logged no LR passes)."""
+    if not lr or not len(lr[0]):
+        return ""
+    steps, values = np.asarray(lr[0]), np.asarray(lr[1], dtype=float)
+    warm = steps[np.argmax(values >= (1 - tol) * np.nanmax(values))]
+    fitted = (steps >= first_step) & (steps <= last_step)
+    after = fitted & (steps >= warm)
+    span = values[after if after.sum() >= 2 else fitted]  # fitted points all in warmup: the rising LR counts
+    if len(span) < 2 or np.nanmax(span) - np.nanmin(span) <= tol * np.nanmax(span):
+        return ""
+    top, end = float(np.nanmax(span)), float(span[-1])
+    if np.all(np.diff(span) <= 1e-3 * top):  # it only falls (float32 rounding in TensorBoard aside)
+        return (f"the learning rate decays to the end of the run (from {top:.2e} to {end:.2e} over the fitted "
+                f"steps), so the curve's end follows the schedule; fit a constant-LR run (schedule=constant) "
+                f"to extrapolate")
+    return (f"the learning rate varies over the fitted steps (between {np.nanmin(span):.2e} and {top:.2e}), so "
+            f"the curve follows the schedule as much as the learning; fit a constant-LR run (schedule=constant) "
+            f"to extrapolate")
+
+
+def fit_curves(curves: dict, lr: dict | None = None) -> dict:
+    """chunk -> PowerLaw for each (steps, values) curve, or the message saying why it could not be fitted;
+    ``lr`` (chunk -> (steps, LR) as recorded) decides whether each fit may be extrapolated (:func:`lr_note`)."""
     fits = {}
     for k, (steps, values) in curves.items():
         try:
             fits[k] = fit_power_law(steps, values)
         except CurveTooShort as e:
             fits[k] = str(e)
+            continue
+        fits[k].schedule_note = lr_note((lr or {}).get(k), fits[k].first_step, fits[k].last_step)
     return fits
 
 
@@ -178,18 +232,23 @@ class RunFits:
 
 
 def fit_runs(paths, predict_at: int | None = None) -> list[RunFits]:
-    """Fit every chunk's val curve of every run under ``paths`` (runs or multiruns)."""
+    """Fit every chunk's val curve of every run under ``paths`` (runs or multiruns), each judged for
+    extrapolation by the LR its chunk logged (``train/lr/chunk{k}``)."""
     from locallearn.compare import collect, read_curve
+
+    def columns(points):
+        return [s for s, _ in points], [v for _, v in points]
 
     out = []
     for record in collect(paths):
-        curves = {}
+        curves, lr = {}, {}
         for k in range(1, 1 + int(record.summary.get("chunks") or 64)):
             curve = read_curve(record.dir, f"val/loss/chunk{k}")
             if not curve:
                 break
-            curves[k] = ([s for s, _ in curve], [v for _, v in curve])
-        fits = fit_curves(curves)
+            curves[k] = columns(curve)
+            lr[k] = columns(read_curve(record.dir, f"train/lr/chunk{k}"))
+        fits = fit_curves(curves, lr)
         last = max((s[-1] for s, _ in curves.values()), default=0)
         out.append(RunFits(record, curves, fits, predict_at or 10 * max(last, 1)))
     return out
@@ -202,7 +261,6 @@ def reference_for(run: RunFits, candidates: list[RunFits]) -> RunFits | None:
     def rest(r):
         return {k: v for k, v in r.run.overrides.items() if not _under(k, LOCAL_KEYS)}
 
-    for c in candidates:
-        if c is not run and len(c.curves) == 1 and rest(c) == rest(run):
-            return c
-    return None
+    # compare.read_run drops seed= from the overrides (it groups seeds), so the seed is matched on its own
+    return next((c for c in candidates if c is not run and len(c.curves) == 1 and rest(c) == rest(run)
+                 and c.run.seed == run.run.seed), None)

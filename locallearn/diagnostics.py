@@ -1,10 +1,12 @@
 """Per-chunk loss diagnostics: what went wrong with which chunk, when, and what to try.
 
-The detectors are plain functions over loss streams, so they can be tested on synthetic curves and
-run on finished runs; :class:`locallearn.callbacks.Diagnostics` feeds them during training.
+The detectors (:mod:`locallearn.detectors`) are plain functions over loss streams, so they can be
+tested on synthetic curves and run on finished runs; :class:`locallearn.callbacks.Diagnostics` feeds
+them during training, and :func:`diagnose` turns what they find into findings.
 
 * divergence (online): a non-finite loss, or a smoothed loss far above the chunk's starting loss;
 * spikes: a robust z-score (median and MAD over a moving window of earlier steps) above a threshold;
+  those chunk 1 shows together with later chunks are the batch's, reported once as batch spikes;
 * rising loss: the train loss's median over windows of steps climbs above its best earlier window
   and stays there (an optimizer that undoes its own progress: mostly a learning rate too high);
 * plateau: the best val loss improved by less than a relative threshold over N evaluations;
@@ -15,7 +17,8 @@ run on finished runs; :class:`locallearn.callbacks.Diagnostics` feeds them durin
 Each :class:`Finding` names its chunk (from 1), its step range, the numbers behind it, a likely
 cause and a remedy. Causes use what the run knows: the chunk's learning rate against the run's
 peak, whether the previous chunk shows the same problem at the same time (a chunk trains on the
-previous chunk's output), and the schedule.
+previous chunk's output) or the first chunk does too (then the batch did it: chunk 1's input is the
+data), and the schedule.
 """
 
 import math
@@ -23,9 +26,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from locallearn.detectors import (
+    Curve,
+    find_overfitting,
+    find_plateaus,
+    find_rising,
+    find_spikes,
+    underfitting,
+)
 from locallearn.errors import ConfigError
-
-Curve = tuple[list[int], list[float]]  # (steps, values)
 
 
 @dataclass
@@ -73,161 +82,25 @@ class Context:
 
 @dataclass
 class Finding:
-    kind: str  # divergence | spike | rising loss | plateau | overfitting | underfitting
-    chunk: int  # from 1
+    kind: str  # divergence | spike | batch spike | rising loss | plateau | overfitting | underfitting
+    chunk: int  # from 1 (a batch spike: 1, the first of its chunks)
     first_step: int
     last_step: int
     evidence: str
     cause: str
     remedy: str
     split: str = "train"  # the loss stream it was found in: train or val
+    chunks: list[int] | None = None  # every chunk it covers, when several (a batch spike)
 
     def line(self) -> str:
         steps = f"step {self.first_step}" if self.first_step == self.last_step else \
             f"steps {self.first_step}-{self.last_step}"
-        return (f"chunk {self.chunk}, {steps}: {self.kind} ({self.split}): {self.evidence}. "
+        who = f"chunks {', '.join(map(str, self.chunks))}" if self.chunks else f"chunk {self.chunk}"
+        return (f"{who}, {steps}: {self.kind} ({self.split}): {self.evidence}. "
                 f"Likely cause: {self.cause}. Try: {self.remedy}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# -- the detectors ------------------------------------------------------------------------------------
-
-def robust_z(values, window: int) -> np.ndarray:
-    """z[i] = (x[i] - median(x[i-window:i])) / (1.4826 MAD of the same window); nan where fewer than 10
-    earlier values exist. The scale has a floor (1e-3 of the median) so that a flat stretch of values
-    does not turn every tiny wiggle into a spike."""
-    x = np.asarray(values, dtype=float)
-    z = np.full(len(x), np.nan)
-    for i in range(10, len(x)):
-        w = x[max(0, i - window):i]
-        w = w[np.isfinite(w)]
-        if len(w) < 10:
-            continue
-        med = np.median(w)
-        scale = max(1.4826 * np.median(np.abs(w - med)), 1e-3 * abs(med), 1e-12)
-        z[i] = (x[i] - med) / scale
-    return z
-
-
-def find_spikes(steps, values, window: int = 50, z: float = 6.0) -> list[tuple[int, float, float]]:
-    """(step, value, z-score) of every upward spike; consecutive spiking steps count as one spike
-    (its highest point)."""
-    scores = robust_z(values, window)
-    out, run = [], []
-    for i, s in enumerate(scores):
-        if np.isfinite(s) and s > z:
-            run.append(i)
-            continue
-        if run:
-            j = max(run, key=lambda r: scores[r])
-            out.append((int(steps[j]), float(values[j]), float(scores[j])))
-            run = []
-    if run:
-        j = max(run, key=lambda r: scores[r])
-        out.append((int(steps[j]), float(values[j]), float(scores[j])))
-    return out
-
-
-def find_rising(steps, values, window: int = 100, rel: float = 0.02) -> list[tuple[int, int, float, float]]:
-    """Stretches of at least two consecutive windows of ``window`` steps whose median train loss exceeds the
-    lowest median of the earlier windows by more than ``rel`` (relative): (first step, last step, the best
-    earlier median, the highest median of the stretch)."""
-    ts, v = np.asarray(steps), np.asarray(values, dtype=float)
-    if len(ts) < 2 * window:
-        return []
-    n = len(ts) // window
-    medians = [float(np.nanmedian(v[i * window:(i + 1) * window])) for i in range(n)]
-    out, best, i = [], medians[0], 1
-    while i < n:
-        if medians[i] > (1 + rel) * best:
-            j = i
-            while j + 1 < n and medians[j + 1] > (1 + rel) * best:
-                j += 1
-            if j > i:  # two windows or more: not one unlucky stretch of batches
-                out.append((int(ts[i * window]), int(ts[min((j + 1) * window, len(ts)) - 1]), best,
-                            max(medians[i:j + 1])))
-            best = min(best, *medians[i:j + 1])
-            i = j + 1
-            continue
-        best = min(best, medians[i])
-        i += 1
-    return out
-
-
-def find_plateaus(steps, values, evals: int = 3, rel: float = 0.002) -> list[tuple[int, int, float]]:
-    """Stretches of evaluations over which the best val loss improved by less than ``rel`` (relative)
-    within every window of ``evals`` evaluations: (first step, last step, improvement over the stretch)."""
-    v = np.asarray(values, dtype=float)
-    flat = []  # (i0, i1): windows of evals+1 points ending at i1 whose best improved by less than rel
-    for i in range(evals, len(v)):
-        before = np.min(v[:i - evals + 1])
-        after = np.min(v[i - evals + 1:i + 1])
-        if np.isfinite(before) and (before - after) < rel * abs(before):
-            flat.append((i - evals, i))
-    merged = []
-    for i0, i1 in flat:
-        if merged and i0 <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], i1)
-        else:
-            merged.append((i0, i1))
-    out = []
-    for i0, i1 in merged:
-        improvement = (np.min(v[:i0 + 1]) - np.min(v[:i1 + 1])) / abs(np.min(v[:i0 + 1]))
-        out.append((int(steps[i0]), int(steps[i1]), float(improvement)))
-    return out
-
-
-def train_at_evals(train: Curve, val_steps) -> list[float]:
-    """Mean train loss over the steps since the previous evaluation, at each evaluation step."""
-    ts, tv = np.asarray(train[0]), np.asarray(train[1], dtype=float)
-    out, prev = [], -math.inf
-    for s in val_steps:
-        sel = (ts > prev) & (ts <= s) & np.isfinite(tv)
-        out.append(float(tv[sel].mean()) if sel.any() else math.nan)
-        prev = s
-    return out
-
-
-def find_overfitting(train: Curve, val: Curve, evals: int = 3) -> list[tuple[int, int, float, float]]:
-    """Stretches where the val loss rose at each of ``evals`` consecutive evaluations while the train
-    loss fell: (first step, last step, val rise, slope of the val - train gap per 1,000 steps)."""
-    steps, v = list(val[0]), np.asarray(val[1], dtype=float)
-    t = np.asarray(train_at_evals(train, steps))
-    out = []
-    i = evals
-    while i < len(v):
-        window = slice(i - evals, i + 1)
-        rising = np.all(np.diff(v[window]) > 0)
-        falling = np.isfinite(t[window]).all() and t[i] < t[i - evals]
-        if not (rising and falling):
-            i += 1
-            continue
-        j = i  # extend while it goes on
-        while j + 1 < len(v) and v[j + 1] > v[j] and np.isfinite(t[j + 1]) and t[j + 1] < t[j]:
-            j += 1
-        s = np.asarray(steps[i - evals:j + 1], dtype=float)
-        gap = v[i - evals:j + 1] - t[i - evals:j + 1]
-        slope = float(np.polyfit(s, gap, 1)[0] * 1000) if len(s) > 1 else math.nan
-        out.append((int(steps[i - evals]), int(steps[j]), float(v[j] - v[i - evals]), slope))
-        i = j + 1
-    return out
-
-
-def underfitting(train: Curve, baseline: float, after_step: int, margin: float = 0.05):
-    """(first step, last step, mean train loss) of the last tenth of the steps after ``after_step`` if that
-    mean is not below (1 - margin) x ``baseline``; None otherwise (or when there is nothing after warmup)."""
-    ts, tv = np.asarray(train[0]), np.asarray(train[1], dtype=float)
-    late = ts > after_step
-    if late.sum() < 10:
-        return None
-    ts, tv = ts[late], tv[late]
-    tail = slice(len(ts) - max(10, len(ts) // 10), None)
-    mean = float(np.nanmean(tv[tail]))
-    if mean < (1 - margin) * baseline:
-        return None
-    return int(ts[tail][0]), int(ts[-1]), mean
 
 
 # -- online divergence test --------------------------------------------------------------------------
@@ -308,6 +181,33 @@ def lr_too_high(chunk: int, lr: float | None) -> tuple[str, str]:
             f"analysis/lr_range_test.py suggests one), lengthen schedule.warmup_steps or lower grad_clip")
 
 
+def batch_spikes(spikes: dict[int, list]) -> tuple[Finding | None, dict[int, list]]:
+    """(the batch-spike finding or None, each chunk's own spikes) from per-chunk spikes (chunk -> [(step,
+    value, z)], as :func:`find_spikes` gives). A spike of chunk 1 that later chunks show too, within one step,
+    is the batch's: chunk 1's input is the data itself, so nothing upstream handed it on. All of them make one
+    finding; what is left of each chunk's spikes is its own."""
+    own = {k: list(found) for k, found in spikes.items()}
+    events = []  # (step, {chunk: z})
+    for step, _, z in spikes.get(1, []):
+        near = {k: [p for p in own[k] if abs(p[0] - step) <= 1] for k in own if k > 1}
+        near = {k: ps for k, ps in near.items() if ps}
+        if near:
+            events.append((step, {1: z} | {k: max(p[2] for p in ps) for k, ps in near.items()}))
+            own[1] = [p for p in own[1] if p[0] != step]
+            for k, ps in near.items():
+                own[k] = [p for p in own[k] if p not in ps]
+    if not events:
+        return None, own
+    plural = "s" * (len(events) > 1)
+    shown = "; ".join(f"{s} (chunks {', '.join(map(str, zs))}: z={', '.join(f'{z:.0f}' for z in zs.values())})"
+                      for s, zs in events[:8]) + (" ..." if len(events) > 8 else "")
+    return Finding("batch spike", 1, events[0][0], events[-1][0],
+                   f"{len(events)} spike{plural} of chunk 1 and later chunks together, at step{plural} {shown}",
+                   "an unusual batch: chunk 1, whose input is the data itself, spiked with the chunks after it",
+                   "nothing if they stay rare; if they recur, look at those batches of the data, or lower every "
+                   "chunk's learning rate or grad_clip", chunks=sorted({k for _, zs in events for k in zs})), own
+
+
 def diagnose(train: dict[int, Curve], val: dict[int, Curve], ctx: Context | None = None,
              th: Thresholds | None = None) -> list[Finding]:
     """Every finding of the detectors on per-chunk train and val curves (chunks numbered from 1)."""
@@ -316,11 +216,14 @@ def diagnose(train: dict[int, Curve], val: dict[int, Curve], ctx: Context | None
     spikes = {k: find_spikes(*train[k], th.spike_window, th.spike_z) for k in sorted(train)}
     plateaus = {k: find_plateaus(*val[k], th.plateau_evals, th.plateau_rel) for k in sorted(val)}
 
+    batch, spikes = batch_spikes(spikes)
+    findings += [batch] if batch else []
     for k, found in spikes.items():
         if not found:
             continue
         steps = [s for s, _, _ in found]
         shown = ", ".join(f"{s} (z={z:.0f})" for s, _, z in found[:8]) + (" ..." if len(found) > 8 else "")
+        # batch spikes are out: a spike chunk k-1 shares here is one chunk 1 did not have, so chunk k-1's own
         upstream = [s for s in steps if any(abs(s - p) <= 1 for p, _, _ in spikes.get(k - 1, []))]
         if len(upstream) > len(steps) / 2:
             cause = f"they follow spikes of chunk {k - 1}, whose output is this chunk's input"

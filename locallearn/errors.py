@@ -4,6 +4,8 @@
 names the value, what was expected and how to fix it. :class:`TrainingDiverged` stops a run whose
 loss diverged, naming the chunk and the step; its checkpoints and summary are kept.
 :class:`PipelineError` stops a ``mode=pipeline`` run whose chunk process died, naming the chunk.
+:class:`OutputError` stops a run that cannot write its outputs (a full disk, a read-only directory);
+everything written before is intact.
 """
 
 
@@ -17,3 +19,7 @@ class TrainingDiverged(RuntimeError):
 
 class PipelineError(RuntimeError):
     """A chunk's process of a ``mode=pipeline`` run died; the others were stopped, checkpoints kept."""
+
+
+class OutputError(RuntimeError):
+    """A run's outputs could not be written; the message names the file, ``paths.log_dir`` and what is intact."""

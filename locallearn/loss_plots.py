@@ -8,35 +8,48 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from locallearn.atomic import save_figure  # noqa: E402
+
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
-def curve_fits(curves: dict[int, tuple[list, list]], fits: dict, path: Path, predict_at: int | None = None,
-               title: str = "val loss and power-law fits") -> Path:
-    """Each chunk's val points and its fit L(t) = a t^-b + c (16-84% band), extended to ``predict_at``;
-    ``fits`` maps chunk -> PowerLaw (chunks whose curve could not be fitted are drawn as points only)."""
+def fit_steps(fit, predict_at: int | None = None, n: int = 200) -> np.ndarray:
+    """The steps a fit's curve is drawn at: from its first fitted step to ``predict_at``, or only to its last
+    fitted step when the fit is not extrapolated (``fit.not_extrapolated``): its continuation would mean nothing."""
+    end = fit.last_step if fit.not_extrapolated else max(predict_at or 0, fit.last_step)
+    return np.geomspace(fit.first_step, end, n)
+
+
+def curve_fit_figure(curves: dict[int, tuple[list, list]], fits: dict, predict_at: int | None = None,
+                     title: str = "val loss and power-law fits"):
+    """Each chunk's val points and its fit L(t) = a t^-b + c (16-84% band) over :func:`fit_steps`; ``fits``
+    maps chunk -> PowerLaw (chunks whose curve could not be fitted are drawn as points only). The prediction
+    step gets a dotted line only if some fit reaches it."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    extrapolated = False
     for i, k in enumerate(sorted(curves)):
         steps, values = curves[k]
         ax.plot(steps, values, "o", color=f"C{i}", markersize=4, label=f"chunk {k}")
         fit = fits.get(k)
         if fit is None:
             continue
-        end = max(predict_at or 0, steps[-1])
-        t = np.geomspace(fit.first_step, end, 200)
+        t = fit_steps(fit, predict_at)
+        extrapolated |= not fit.not_extrapolated
         ax.plot(t, fit(t), "-", color=f"C{i}", linewidth=1,
-                label=f"  fit: {fit.a:.3g} t^-{fit.b:.3f} + {fit.c:.3f}")
+                label=f"  fit: {fit.a:.3g} t^-{fit.b:.3f} + {fit.c:.3f}"
+                      + (" (not extrapolated)" if fit.not_extrapolated else ""))
         draws = np.array([fit.samples[j, 0] * t ** (-fit.samples[j, 1]) + fit.samples[j, 2]
                           for j in range(len(fit.samples))])
         if len(draws):
             lo, hi = np.percentile(draws, [16, 84], axis=0)
             ax.fill_between(t, lo, hi, color=f"C{i}", alpha=0.15, linewidth=0)
-    if predict_at:
+    if predict_at and extrapolated:
         ax.axvline(predict_at, color="gray", linestyle=":", linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("step")
@@ -44,7 +57,13 @@ def curve_fits(curves: dict[int, tuple[list, list]], fits: dict, path: Path, pre
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return fig
+
+
+def curve_fits(curves: dict[int, tuple[list, list]], fits: dict, path: Path, predict_at: int | None = None,
+               title: str = "val loss and power-law fits") -> Path:
+    """:func:`curve_fit_figure`, written to ``path`` (PNG)."""
+    return _save(curve_fit_figure(curves, fits, predict_at, title), path)
 
 
 def lr_range(results, path: Path) -> Path:

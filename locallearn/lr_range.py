@@ -3,7 +3,11 @@
 A fresh model trains for ``steps`` batches while the learning rate grows exponentially from
 ``lr_min`` to ``lr_max``; every chunk trains on its own local loss as in a real run (same execution
 mode, loss weights and per-chunk gradient clipping), all at the same LR. Each chunk's loss is
-smoothed by a bias-corrected exponential moving average. A chunk has diverged once its smoothed
+smoothed by a bias-corrected exponential moving average. Its window (the time constant, 1/(1 - factor)
+steps) is by default ``SMOOTH_FRACTION`` of the sweep, because the smoothed curve lags the LR by its
+window: as a fraction of the sweep, that is a fixed share of the swept range on a log scale whatever
+``steps`` is (5%: a factor 2 over six decades; the classic factor 0.98, a 50-step window, lags a
+300-step sweep by a factor 10). A chunk has diverged once its smoothed
 loss exceeds ``diverge`` x its lowest one (or is not finite): from then on its LR is 0, so that the
 chunks after it keep a fixed input rather than an exploding one, and the test stops when every
 chunk has diverged. Per chunk it suggests
@@ -24,6 +28,7 @@ import torch
 from locallearn.errors import ConfigError
 
 SKIP_START = 5  # the first points of the EMA are too noisy for a slope
+SMOOTH_FRACTION = 0.05  # the default EMA window as a fraction of the sweep: 15 steps of 300
 
 
 @dataclass
@@ -33,7 +38,7 @@ class RangeSettings:
     lr_min: float = 1e-6  # the first step's learning rate
     lr_max: float = 1.0  # the last step's (reached only if some chunk has not diverged by then)
     steps: int = 300  # batches in the sweep: log-spaced LRs
-    smooth: float = 0.98  # EMA factor of the smoothed loss
+    smooth: float | None = None  # EMA factor of the smoothed loss; None: a window of SMOOTH_FRACTION x steps
     diverge: float = 1.5  # a chunk diverged once its smoothed loss exceeds this x its lowest
 
     def check(self):
@@ -46,10 +51,19 @@ class RangeSettings:
         if self.steps < 2 * SKIP_START + 2:
             raise ConfigError(f"lr_range.steps={self.steps} is too short for a range test; use at least "
                               f"{2 * SKIP_START + 2} (100 to 300 is usual).")
-        if not 0 <= self.smooth < 1:
-            raise ConfigError(f"lr_range.smooth={self.smooth} must lie in [0, 1) (the EMA factor).")
+        if self.smooth is not None and not 0 <= self.smooth < 1:
+            raise ConfigError(f"lr_range.smooth={self.smooth} must lie in [0, 1) (the EMA factor), or be null for "
+                              f"a window of {SMOOTH_FRACTION:g} x lr_range.steps.")
         if self.diverge <= 1:
             raise ConfigError(f"lr_range.diverge={self.diverge} must exceed 1 (a multiple of the lowest loss).")
+
+    @property
+    def ema_factor(self) -> float:
+        """``smooth`` if given, else the factor whose window 1/(1 - factor) is SMOOTH_FRACTION x steps (0 below
+        one step: no smoothing)."""
+        if self.smooth is not None:
+            return self.smooth
+        return max(0.0, 1 - 1 / (SMOOTH_FRACTION * self.steps))
 
 
 @dataclass
@@ -94,6 +108,7 @@ def run(module, batches, settings: RangeSettings, device="cpu", on_step=None) ->
     results = [ChunkRange(k + 1) for k in range(K)]
     avg, best = [0.0] * K, [math.inf] * K
     diverged = [False] * K
+    beta = settings.ema_factor
     batches = iter(batches)
     for i, lr in enumerate(lrs):
         for g in opt.param_groups:
@@ -110,8 +125,8 @@ def run(module, batches, settings: RangeSettings, device="cpu", on_step=None) ->
             if diverged[k]:
                 smoothed.append(math.nan)
                 continue
-            avg[k] = settings.smooth * avg[k] + (1 - settings.smooth) * loss
-            s = avg[k] / (1 - settings.smooth ** (i + 1))
+            avg[k] = beta * avg[k] + (1 - beta) * loss
+            s = avg[k] / (1 - beta ** (i + 1))
             r.lrs.append(float(lr))
             r.losses.append(loss)
             r.smoothed.append(s)

@@ -2,12 +2,14 @@
 
 Optimization is manual because ``sequential`` mode needs one backward per chunk. There is one
 optimizer with a decay and a no-decay param group per chunk (tagged ``chunk=k``), so
-``trainer.global_step`` counts batches, each chunk's gradients are clipped on their own, and each
-chunk can have its own learning rate (``optim.chunk_lr``), adapted online if asked
-(``optim.hypergrad_lr``). Clipping, the LR scheduler and the hypergradient step are called here, in
-``training_step``, as manual optimization requires.
+``trainer.global_step`` counts batches, each chunk's gradients are clipped on their own (in the
+global phase of a local-to-global switch, the total norm, as end to end), and each chunk can have
+its own learning rate (``optim.chunk_lr``), adapted online if asked (``optim.hypergrad_lr``).
+Clipping, the LR scheduler and the hypergradient step are called here, in ``training_step``, as
+manual optimization requires.
 """
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -25,7 +27,9 @@ from locallearn.hypergrad import HypergradientLR
 from locallearn.memory import SavedTensorMeter
 from locallearn.objectives import IGNORE
 from locallearn.schedules import cycles_momentum
-from locallearn.switch import EWC, Switch
+from locallearn.switch import EWC, FisherDiagonal, Switch, estimate_fisher, fisher_seed, token_terms
+
+log = logging.getLogger(__name__)
 
 
 def check_loss_weights(weights, K: int) -> list[float]:
@@ -69,7 +73,7 @@ class LocalLearner(L.LightningModule):
         mode: ``joint`` or ``sequential`` (see :mod:`locallearn.execution`).
         optimizer: partial optimizer, called with the param groups.
         scheduler: partial LR scheduler, called with the optimizer and ``total_steps``; or None.
-        grad_clip: max gradient norm per chunk; None or 0 disables clipping.
+        grad_clip: max gradient norm per chunk (of all parameters together in global steps); None or 0: no clipping.
         loss_weights: one weight per chunk's local loss (default: all 1).
         switch: when (if ever) to switch from local to global training, and how.
         seed: seeds the objective's masking (per step in training; validation masks are fixed).
@@ -100,7 +104,10 @@ class LocalLearner(L.LightningModule):
         self._hypergrad_state: dict | None = None  # from a checkpoint, applied when it is built
         self.save_hyperparameters({"config": config or {}}, logger=False)
         K = len(net)
-        self.val_loss = torch.nn.ModuleList(MeanMetric() for _ in range(K))
+        # A NaN batch makes the val loss NaN (the diagnostics stop the run), where the default would drop it with
+        # a warning and report a finite loss of a partly diverged model. (A float strategy keeps the weights;
+        # torchmetrics' "disable" replaces every weight by 1.)
+        self.val_loss = torch.nn.ModuleList(MeanMetric(nan_strategy=math.nan) for _ in range(K))
         self.final_val: list[float] | None = None  # per chunk, from the latest validation
         self.best_val: float = math.inf  # last chunk
         self.activation_bytes: int | None = None  # peak bytes saved for backward in one step
@@ -139,9 +146,19 @@ class LocalLearner(L.LightningModule):
         """Clip chunk k's gradient norm to ``grad_clip`` on its own; return the norm before clipping."""
         return torch.nn.utils.clip_grad_norm_(self.net.chunk_parameters(k), self.grad_clip or math.inf)
 
-    def _clip(self) -> list[torch.Tensor]:
-        """Clip each chunk's gradient norm on its own; return the norms before clipping."""
-        return [self.clip_chunk(k) for k in range(len(self.net))]
+    def _clip(self, global_phase: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Clip the gradient norm to ``grad_clip``: each chunk's on its own in local steps, where each chunk
+        is its own optimization problem; in global steps the total over all parameters, one factor for the
+        whole model, as end-to-end training (``chunks=1``) does. Return each chunk's norm and the total norm,
+        before clipping."""
+        if not global_phase:
+            norms = [self.clip_chunk(k) for k in range(len(self.net))]
+            return norms, torch.linalg.vector_norm(torch.stack(norms))
+        chunks = [[p for p in self.net.chunk_parameters(k) if p.grad is not None] for k in range(len(self.net))]
+        norms = [torch.nn.utils.get_total_norm([p.grad for p in ps]) for ps in chunks]
+        total = torch.nn.utils.get_total_norm(norms)  # the norm of the chunk norms is the norm of all gradients
+        torch.nn.utils.clip_grads_with_norm_([p for ps in chunks for p in ps], self.grad_clip or math.inf, total)
+        return norms, total
 
     # -- the local-to-global switch -------------------------------------------------------------
     @property
@@ -158,18 +175,45 @@ class LocalLearner(L.LightningModule):
         return {names[id(p)]: p for p in trunk}
 
     def _start_global_phase(self, prepared):
-        """At the switch: estimate each earlier chunk's Fisher on this batch, one sequence at a time."""
+        """At the switch: anchor the earlier chunks (EWC, if asked), then remove the cut."""
         if self.switch.ewc_lambda > 0 and len(self.net) > 1 and self.ewc is None:
             params = self._earlier_chunk_params()
-
-            def per_sequence_losses():
-                for b in range(prepared.idx.shape[0]):
-                    one = type(prepared)(*(t[b:b + 1] if t is not None else None for t in vars(prepared).values()))
-                    outs = self.net(one.idx)  # still local: chunk k's loss reaches only chunk k
-                    yield sum(self._loss(k, h, logits, one) for k, (h, logits) in enumerate(outs[:-1]))
-
-            self.ewc = EWC.estimate(params, per_sequence_losses())
+            t0 = time.perf_counter()
+            fisher = self._fisher(params, prepared)
+            self.ewc = EWC(params, fisher.result(), fisher.tokens)
+            log.info("EWC: %s Fisher of chunks 1-%d from %s tokens (%d batches) in %.1f s", self.switch.fisher,
+                     len(self.net) - 1, "/".join(map(str, fisher.tokens.values())), self.switch.fisher_batches,
+                     time.perf_counter() - t0)
         self.net.local = False
+
+    def _fisher(self, params: dict[str, torch.nn.Parameter], prepared) -> FisherDiagonal:
+        """Each earlier chunk's per-token Fisher of its local loss (see :func:`estimate_fisher`), on the batch at
+        the switch and the ``switch.fisher_batches - 1`` training batches after it."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return estimate_fisher(self.net, params, self._fisher_batches(prepared), self._token_terms, self.switch.fisher,
+                               lambda step, b, B: fisher_seed(self.seed, step, rank * B + b))
+
+    def _fisher_batches(self, prepared):
+        """(step, prepared batch): the batch at the switch, then the next training batches as the run will
+        draw them (:meth:`RandomWindows.batch` by step, masks from the step's generator): drawing them here
+        takes nothing from the run, which then trains on exactly these batches and masks."""
+        step = self.global_step
+        yield step, prepared
+        if self.switch.fisher_batches > 1:
+            windows = self.trainer.train_dataloader.dataset  # a RandomWindows: batch n is a function of n
+            world = self.trainer.world_size
+            for n in range(step + 1, step + self.switch.fisher_batches):
+                batch = windows.batch(n).to(self.device)
+                yield n, self.objective.prepare(batch, self._generator(n, train=True), self.trainer.global_rank,
+                                                world)
+
+    def _token_terms(self, k, h, logits, prepared):
+        """Chunk k's predictions of the tokens its local loss scores (see :func:`token_terms`)."""
+        extra = None
+        if self.net.extra is not None:  # span: the span-boundary network predicts the same masked tokens
+            sbo_logits, (b, t) = self.net.extra[k](h, prepared)
+            extra = (sbo_logits, prepared.targets[b, t])
+        return token_terms(logits, prepared.targets, IGNORE, extra)
 
     # -- training ---------------------------------------------------------------------------------
     def _loss(self, k, h, logits, prepared):
@@ -183,13 +227,27 @@ class LocalLearner(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
-        prepared = self.objective.prepare(batch, self._generator(self.global_step, train=True))
+        world = self.trainer.world_size
+        # Masks are drawn for the combined batch of all data-parallel ranks; each rank keeps its own rows.
+        prepared = self.objective.prepare(batch, self._generator(self.global_step, train=True),
+                                          self.trainer.global_rank, world)
         self._batch_tokens = prepared.idx.numel()
+        n_local = int((prepared.targets != IGNORE).sum())
+        n_targets = n_local if world == 1 else int(self.trainer.strategy.reduce(
+            torch.tensor(n_local, device=self.device), reduce_op="sum"))  # in the combined batch
+        # A rank's loss is the mean over its own targets, and mlm/span masks give ranks different numbers of
+        # them: weighted by the rank's share of the combined batch's targets, the ranks' averaged gradient
+        # is the combined batch's (the weight is exactly 1 in one process and for clm).
+        share = n_local * world / n_targets if n_targets else 1.0
         global_phase = self.is_global(self.global_step)
         if global_phase and self.net.local:
             self._start_global_phase(prepared)
         opt.zero_grad(set_to_none=True)
-        loss_fn = lambda k, h, logits: self._loss(k, h, logits, prepared)  # noqa: E731
+
+        def loss_fn(k, h, logits):
+            loss = self._loss(k, h, logits, prepared)
+            return loss if share == 1 else share * loss
+
         meter = SavedTensorMeter(self.net.parameters()) if self._measure_next else nullcontext()
         hypergrad = self.hypergrad
         penalty = None
@@ -207,7 +265,7 @@ class LocalLearner(L.LightningModule):
             average_gradients(self.net.parameters())
         if hypergrad is not None:
             hypergrad.adapt()  # from the raw gradient, before clipping
-        norms = self._clip()
+        norms, total_norm = self._clip(global_phase)
         chunk_groups = opt.param_groups[::2]  # one group per chunk is enough: both share the LR
         lrs = [g["lr"] for g in chunk_groups]  # the LRs this step uses
         momenta = [g["betas"][0] if "betas" in g else g["momentum"] for g in chunk_groups] \
@@ -222,23 +280,32 @@ class LocalLearner(L.LightningModule):
             if hypergrad is not None:
                 hypergrad.apply()
         step = self.global_step - 1  # the step that just ran, as TensorBoard numbers it
-        values = torch.stack(losses).float().tolist()
-        self.train_records += [(k + 1, step, v, lr) for k, (v, lr) in enumerate(zip(values, lrs))]
+        values = torch.stack(losses).float()
+        if world > 1:  # the mean of the ranks' weighted losses is the combined batch's loss: every rank logs it
+            values = self.trainer.strategy.reduce(values, reduce_op="mean")
+        values = values.tolist()
+        # A batch without targets (span masking in short windows) has no loss: its placeholder 0 is neither
+        # recorded (the diagnostics would read it as a real value) nor logged.
+        if n_targets:
+            self.train_records += [(k + 1, step, v, lr) for k, (v, lr) in enumerate(zip(values, lrs))]
         if self._logs_at(step):
             metrics = {}
             for k, (loss, norm, lr) in enumerate(zip(values, norms, lrs), start=1):
-                metrics |= {f"train/loss/chunk{k}": loss, f"train/grad_norm/chunk{k}": float(norm),
-                            f"train/lr/chunk{k}": lr}
+                if n_targets:
+                    metrics[f"train/loss/chunk{k}"] = loss
+                metrics |= {f"train/grad_norm/chunk{k}": float(norm), f"train/lr/chunk{k}": lr}
                 if momenta is not None:
                     metrics[f"train/momentum/chunk{k}"] = momenta[k - 1]
                 if hypergrad is not None:
                     metrics[f"train/hypergrad/chunk{k}"] = hypergrad.last_hypergrad[k - 1]
             if self.switch.at is not None:
                 metrics["train/global_phase"] = float(global_phase)
+            if global_phase:  # the norm clipped in global steps; the chunk norms are its parts
+                metrics["train/grad_norm/total"] = float(total_norm)
             if global_phase and penalty is not None:
-                metrics["train/ewc_penalty"] = float(penalty)
+                metrics["train/ewc_penalty"] = float(penalty.detach())
             self.log_train(metrics, step)
-        if self.trainer.progress_bar_callback is not None:
+        if self.trainer.progress_bar_callback is not None and n_targets:
             self.log(f"train/loss/chunk{len(values)}", values[-1], prog_bar=True, logger=False)
         return {"losses": losses, "lrs": lrs}
 
@@ -296,20 +363,38 @@ class LocalLearner(L.LightningModule):
 
     # -- validation -------------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
+        # Masks depend on the batch index (and shape) only. Under trainer=ddp each rank's sampler hands it
+        # every world-th window, so a ddp run scores other (equally fixed) masks than one process would.
         prepared = self.objective.prepare(batch, self._generator(batch_idx, train=False))
         weight = int((prepared.targets != IGNORE).sum())
+        if not weight:  # nothing to score (span masking in short windows): the batch stays out of the mean
+            return
         for k, (h, logits) in enumerate(self.net(prepared.idx)):
             self.val_loss[k].update(self._loss(k, h, logits, prepared), weight=weight)
 
     def on_validation_epoch_end(self):
         K = len(self.net)
+        scored = self.val_loss[0].update_count  # batches with targets (those without are skipped)
+        if self.trainer.world_size > 1:
+            scored = int(self.trainer.strategy.reduce(torch.tensor(scored, device=self.device), reduce_op="sum"))
+        if not scored:
+            for metric in self.val_loss:
+                metric.reset()
+            if self.trainer.sanity_checking:  # its few batches may miss every target; the real validation decides
+                return
+            data = self.trainer.datamodule
+            raise ConfigError(f"objective={self.objective.name} put no target in any of the data.val_windows="
+                              f"{data.val_windows} validation windows of data.block_size={data.block_size} tokens, "
+                              f"so there is no validation loss; raise data.block_size or data.val_windows.")
+        # A loss summing several cross-entropies (span: MLM + SBO) in bits is not a bits-per-token.
+        bits = "bpc" if self.objective.loss_terms == 1 else "bits_sum"
         values = []
         for k, metric in enumerate(self.val_loss):
             value = metric.compute()
             metric.reset()
             values.append(float(value))
             self.log(f"val/loss/chunk{k + 1}", value)
-            self.log(f"val/bpc/chunk{k + 1}", value / math.log(2))
+            self.log(f"val/{bits}/chunk{k + 1}", value / math.log(2))
         self.log("val/loss", values[-1], prog_bar=True)  # the model's own output: what checkpoints monitor
         if not self.trainer.sanity_checking:
             self.final_val = values

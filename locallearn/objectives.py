@@ -4,10 +4,14 @@ They know nothing about chunking: the same objective scores every chunk's head. 
 which attention it needs (``causal``), how many token ids it adds to the data's vocabulary (the
 mask token), and whether each chunk needs an extra module (the span-boundary network).
 
-``prepare(batch, generator)``: windows (B, T+1) -> :class:`Prepared` model inputs and targets,
-random choices drawn from ``generator`` (seeded by step in training, fixed in validation).
+``prepare(batch, generator, rank, world)``: windows (B, T+1) -> :class:`Prepared` model inputs and
+targets, random choices drawn from ``generator`` (seeded by step in training, fixed in validation).
+With data parallelism the choices are drawn for the combined (world x B, T) batch and rank ``rank``
+keeps rows [rank x B, (rank+1) x B), the rows its windows have in that batch (see
+:class:`locallearn.data.windows.RandomWindows`): N ranks mask exactly as one process with N x B would.
 ``loss(logits, h, prepared, module)``: a chunk's logits (B, T, V), hidden states (B, T, C) and
-extra module -> mean cross-entropy (nats) over the positions that have targets.
+extra module -> mean cross-entropy (nats) over the positions that have targets; a batch without any
+target scores a finite 0 that is still in the graph (a zero gradient), never NaN.
 """
 
 import math
@@ -33,7 +37,32 @@ class Prepared:
 
 
 def _cross_entropy(logits, targets):
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    """(..., V) logits, (...) targets -> mean over the targets that are not IGNORE, or 0 without any."""
+    logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if not bool((targets != IGNORE).any()):
+        # The mean would be 0/0 = NaN (read as divergence); the sum over nothing is 0, with a zero gradient.
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE)
+
+
+def span_length_pmf(p: float, max_span: int) -> list[float]:
+    """SpanBERT's span-length law, Geometric(p) on 1..max_span truncated and renormalised:
+    P(l) = p (1-p)^(l-1) / (1 - (1-p)^max_span), listed for l = 1..max_span."""
+    mass = 1 - (1 - p) ** max_span  # P(L <= max_span) of the untruncated geometric
+    return [p * (1 - p) ** (length - 1) / mass for length in range(1, max_span + 1)]
+
+
+def span_lengths(u: torch.Tensor, p: float, max_span: int) -> torch.Tensor:
+    """Uniform draws u in [0, 1) -> span lengths (same shape) from :func:`span_length_pmf`, by inverse CDF.
+
+    The truncated CDF is F(l) = (1 - (1-p)^l) / mass, so l = the least integer with (1-p)^l < 1 - u mass.
+    Scaling u by the mass renormalises the tail rather than piling it on max_span, as clipping would.
+    """
+    if p == 1:
+        return torch.ones(u.shape, dtype=torch.long)
+    mass = 1 - (1 - p) ** max_span
+    length = torch.floor(torch.log1p(-u.double() * mass) / math.log1p(-p)).long() + 1
+    return length.clamp(1, max_span)  # rounding at the very top of the range can step one past max_span
 
 
 class CausalLM:
@@ -41,6 +70,7 @@ class CausalLM:
 
     name = "clm"
     extra_tokens = 0
+    min_block_size = 1  # the shortest window the objective can score
     loss_terms = 1  # cross-entropies the loss sums: its no-context baseline is this x the unigram entropy
 
     def __init__(self, causal: bool = True):
@@ -56,7 +86,7 @@ class CausalLM:
     def chunk_module(self, cfg: GPTConfig) -> nn.Module | None:
         return None
 
-    def prepare(self, batch, generator=None) -> Prepared:
+    def prepare(self, batch, generator=None, rank: int = 0, world: int = 1) -> Prepared:
         return Prepared(batch[:, :-1], batch[:, 1:])
 
     def loss(self, logits, h, prepared: Prepared, module=None):
@@ -85,20 +115,24 @@ class MaskedLM(CausalLM):
     def mask_id(self) -> int:
         return self.vocab_size
 
-    def _corrupt(self, x, select_unit, unit_of, generator):
-        """80/10/10 per selection unit (a token for mlm, a span for span masking)."""
+    def _corrupt(self, x, select, unit_of, generator, rows):
+        """80/10/10 per selection unit (a token for mlm, a span for span masking), decided for the whole
+        combined batch: select, unit_of (world*B, T); x (B, T) = this rank's ``rows`` -> its input (B, T)."""
         n_units = int(unit_of.max()) + 1 if unit_of.numel() else 0
         u = torch.rand(n_units + 1, generator=generator)[unit_of.clamp(min=0)]  # same draw for a whole unit
-        random_tokens = torch.randint(self.vocab_size, x.shape, generator=generator)
-        idx = torch.where(select_unit & (u < 0.8), torch.full_like(x, self.mask_id), x)
-        return torch.where(select_unit & (u >= 0.8) & (u < 0.9), random_tokens, idx)
+        random_tokens = torch.randint(self.vocab_size, unit_of.shape, generator=generator)
+        select, u, random_tokens = select[rows], u[rows], random_tokens[rows]
+        idx = torch.where(select & (u < 0.8), torch.full_like(x, self.mask_id), x)
+        return torch.where(select & (u >= 0.8) & (u < 0.9), random_tokens, idx)
 
-    def prepare(self, batch, generator=None) -> Prepared:
-        x = batch[:, :-1].cpu()  # the same T positions as clm; random choices on the CPU generator
-        select = torch.rand(x.shape, generator=generator) < self.mask_prob
-        unit_of = torch.arange(x.numel()).view(x.shape)
-        idx = self._corrupt(x, select, unit_of, generator)
-        targets = torch.where(select, x, torch.full_like(x, IGNORE))
+    def prepare(self, batch, generator=None, rank: int = 0, world: int = 1) -> Prepared:
+        x = batch[:, :-1].cpu()  # (B, T): the same T positions as clm; random choices on the CPU generator
+        B, T = x.shape
+        rows = slice(rank * B, (rank + 1) * B)  # this rank's rows of the combined (world*B, T) batch
+        select = torch.rand(world * B, T, generator=generator) < self.mask_prob
+        unit_of = torch.arange(world * B * T).view(world * B, T)
+        idx = self._corrupt(x, select, unit_of, generator, rows)
+        targets = torch.where(select[rows], x, torch.full_like(x, IGNORE))
         return Prepared(idx.to(batch.device), targets.to(batch.device))
 
 
@@ -127,11 +161,20 @@ class SpanBoundaryHead(nn.Module):
 
 
 class SpanMasking(MaskedLM):
-    """SpanBERT: contiguous spans, lengths ~ Geometric(p) clipped at ``max_span``, covering ``mask_prob``
-    of the tokens (in expectation), 80/10/10 per span; loss = masked LM + span-boundary objective."""
+    """SpanBERT (Joshi et al. 2020): contiguous spans with lengths ~ Geometric(p) truncated at ``max_span``
+    and renormalised (:func:`span_length_pmf`; mean 3.80 for p=0.2, max 10), covering ``mask_prob`` of
+    the tokens in expectation, 80/10/10 per span; loss = masked LM + span-boundary objective (SBO).
+
+    Where it departs from the paper: spans are of tokens, not whole words (the paper measures length in
+    words and masks complete words); spans never touch and stay inside positions 1..T-2, so both
+    boundary tokens of every span exist and are unmasked, which the SBO needs; and the number of spans
+    per window is drawn so that coverage is ``mask_prob`` in expectation, where the paper samples spans
+    until each sequence's 15% budget is spent.
+    """
 
     name = "span"
     loss_terms = 2  # MLM + SBO
+    min_block_size = 3  # a span and an unmasked boundary token on each side
 
     def __init__(self, causal: bool = False, mask_prob: float = 0.15, geometric_p: float = 0.2, max_span: int = 10):
         super().__init__(causal, mask_prob)
@@ -140,11 +183,12 @@ class SpanMasking(MaskedLM):
         if max_span < 1:
             raise ConfigError(f"objective.max_span={max_span} must be at least 1.")
         self.p, self.max_span = geometric_p, max_span
+        self._mean_span = sum(length * q for length, q in enumerate(span_length_pmf(geometric_p, max_span), 1))
 
     @property
     def mean_span(self) -> float:
-        """E[min(L, max_span)] for L ~ Geometric(p) on 1, 2, ...: sum of P(L > k) for k < max_span."""
-        return sum((1 - self.p) ** k for k in range(self.max_span))
+        """Mean span length under the truncated law; it sets how many spans make ``mask_prob`` coverage."""
+        return self._mean_span
 
     def chunk_module(self, cfg: GPTConfig) -> nn.Module:
         return SpanBoundaryHead(cfg, self.max_span)
@@ -157,9 +201,7 @@ class SpanMasking(MaskedLM):
         taken = torch.zeros(T, dtype=torch.bool)
         spans = []
         for _ in range(n):
-            # Inverse CDF of Geometric(p) on 1, 2, ...: P(L = k) = (1-p)^(k-1) p; then clip at max_span.
-            u = float(torch.rand(1, generator=generator).clamp(min=1e-12))
-            length = 1 if self.p == 1 else min(int(math.log(u) / math.log(1 - self.p)) + 1, self.max_span)
+            length = int(span_lengths(torch.rand(1, generator=generator), self.p, self.max_span))
             hi = T - 1 - length  # last start that leaves a right boundary inside the window
             for _attempt in range(20):  # place it where it touches no other span (boundaries stay visible)
                 if hi < 1:
@@ -172,28 +214,33 @@ class SpanMasking(MaskedLM):
                     break
         return spans
 
-    def prepare(self, batch, generator=None) -> Prepared:
-        x = batch[:, :-1].cpu()
+    def prepare(self, batch, generator=None, rank: int = 0, world: int = 1) -> Prepared:
+        x = batch[:, :-1].cpu()  # (B, T)
         B, T = x.shape
-        left = torch.full((B, T), -1, dtype=torch.long)
-        right, offset = left.clone(), torch.zeros(B, T, dtype=torch.long)
-        unit_of = torch.full((B, T), -1, dtype=torch.long)
+        if T < 3:
+            raise ConfigError(f"objective={self.name} needs data.block_size >= 3 (a span and an unmasked token on "
+                              f"each side) but got data.block_size={T}; raise it or use objective=mlm.")
+        # Spans are placed for the whole combined (world*B, T) batch; this rank keeps its own rows.
+        left = torch.full((world * B, T), -1, dtype=torch.long)
+        right, offset = left.clone(), torch.zeros(world * B, T, dtype=torch.long)
+        unit_of = left.clone()
         n_units = 0
-        for b in range(B):
+        for b in range(world * B):
             for s, e in self._spans(T, generator):
                 left[b, s:e + 1], right[b, s:e + 1] = s - 1, e + 1
                 offset[b, s:e + 1] = torch.arange(e - s + 1)
                 unit_of[b, s:e + 1] = n_units
                 n_units += 1
-        select = left >= 0
-        idx = self._corrupt(x, select, unit_of, generator)
-        targets = torch.where(select, x, torch.full_like(x, IGNORE))
+        rows = slice(rank * B, (rank + 1) * B)
+        idx = self._corrupt(x, left >= 0, unit_of, generator, rows)
+        left, right, offset = left[rows], right[rows], offset[rows]
+        targets = torch.where(left >= 0, x, torch.full_like(x, IGNORE))
         dev = batch.device
         return Prepared(idx.to(dev), targets.to(dev), left.to(dev), right.to(dev), offset.to(dev))
 
     def loss(self, logits, h, prepared: Prepared, module=None):
         mlm = _cross_entropy(logits, prepared.targets)
+        # Scored even without spans (0 rows): the boundary network then gets a zero gradient rather than
+        # none, so every data-parallel rank has the same gradients to average whatever its spans.
         sbo_logits, (b, t) = module(h, prepared)
-        if sbo_logits.shape[0] == 0:  # no span in this batch: nothing for the boundary objective
-            return mlm
-        return mlm + F.cross_entropy(sbo_logits, prepared.targets[b, t])
+        return mlm + _cross_entropy(sbo_logits, prepared.targets[b, t])

@@ -75,6 +75,10 @@ class Link:
         self.rank, self.world, self.device = rank, world, torch.device("cpu")
         self.nccl = None
         self._pending: list = []  # sends in flight: (work, tensor kept alive until it completes)
+        # Train results to rank 0 are never waited for while training: rank 0 receives them only between its
+        # own steps, and a chain send waiting behind them could wait for a rank 0 that waits for this rank's
+        # validation results (a deadlock from K=4 on). They are tiny; completed ones are dropped as we go.
+        self._results: list = []
 
     def use_device(self, device, backend: str = "gloo"):
         """Where received tensors go; with ``backend="nccl"`` GPU tensors travel device to device."""
@@ -86,15 +90,21 @@ class Link:
             self.nccl = dist.ProcessGroupNCCL(dist.PrefixStore("nccl/", self.store), self.rank, self.world, options)
 
     def _send(self, tensors, dst, tag):
+        queue = self._results if tag == RESULT else self._pending
         for t in tensors:
             group = self.nccl if t.is_cuda else self.pg
-            self._pending.append((group.send([t], dst, tag), t))
+            queue.append((group.send([t], dst, tag), t))
 
     def wait_sends(self, keep: int = 0):
-        """Wait until at most ``keep`` sends are still in flight."""
+        """Wait until at most ``keep`` sends other than train results are still in flight (with ``keep=0``,
+        train results too)."""
         while len(self._pending) > keep:
             work, _ = self._pending.pop(0)
             work.wait()
+        if keep == 0:
+            for work, _ in self._results:
+                work.wait()
+        self._results = [(work, t) for work, t in self._results if not work.is_completed()]
 
     def send(self, dst: int, cmd: int, step: int = 0, tensors=(), tag: int = CHAIN):
         if len(tensors) > MAX_TENSORS:
@@ -370,6 +380,7 @@ class PipelineLearner(LocalLearner):
         self.procs: list = []
         self._threads_before: int | None = None
         self.next_result = [0] * K  # per chunk: the next train step whose result rank 0 expects
+        self.no_target_steps: set[int] = set()  # steps whose batch had nothing to score (no loss to record)
         self.worker_activation_bytes: list[int | None] = [None] * K
         self.worker_rss: list[int | None] = [None] * K
         self._loaded = False
@@ -513,6 +524,8 @@ class PipelineLearner(LocalLearner):
         step = self.global_step
         prepared = self.objective.prepare(batch, self._generator(step, train=True))
         self._batch_tokens = prepared.idx.numel()
+        if not (prepared.targets != IGNORE).any():  # no loss this step (span masking in short windows)
+            self.no_target_steps.add(step)
         opt.zero_grad(set_to_none=True)
         meter = SavedTensorMeter(self.net.parameters()) if self._measure_next else None
         if meter is not None:
@@ -546,10 +559,12 @@ class PipelineLearner(LocalLearner):
                 self.next_result[k] = s + 1
 
     def _record(self, k: int, step: int, loss: float, lr: float, norm: float):
-        self.train_records.append((k + 1, step, loss, lr))
+        scored = step not in self.no_target_steps  # else the loss is a placeholder 0: neither recorded nor logged
+        if scored:
+            self.train_records.append((k + 1, step, loss, lr))
         if self._logs_at(step):
-            self.log_train({f"train/loss/chunk{k + 1}": loss, f"train/lr/chunk{k + 1}": lr,
-                            f"train/grad_norm/chunk{k + 1}": norm}, step)
+            loss_tag = {f"train/loss/chunk{k + 1}": loss} if scored else {}
+            self.log_train({**loss_tag, f"train/lr/chunk{k + 1}": lr, f"train/grad_norm/chunk{k + 1}": norm}, step)
 
     # -- validation ---------------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
@@ -558,7 +573,8 @@ class PipelineLearner(LocalLearner):
         if len(self.net) > 1:
             self._guard(self.link.send, 1, VAL, 0, [out[self.net.plan[1].start], *_prepared_tensors(prepared)])
         weight = int((prepared.targets != IGNORE).sum())
-        self.val_loss[0].update(self._loss(0, h, logits, prepared), weight=weight)
+        if weight:  # a batch with nothing to score stays out of the mean
+            self.val_loss[0].update(self._loss(0, h, logits, prepared), weight=weight)
 
     def on_validation_epoch_end(self):
         K = len(self.net)

@@ -6,9 +6,11 @@ chunk), so per-chunk learning rates keep their ratios. With t the step (0-based)
 * ``constant``: lr.
 * ``warmup_cosine``: lr (t+1)/w during the warmup w, then cosine decay to ``min_lr_ratio`` lr at the end.
 * ``cyclic`` (Smith 2017), torch's ``CyclicLR``: cycles of ``cycle_steps`` steps, the LR rising linearly
-  from ``base_lr_ratio`` lr to the peak in the first half and falling back in the second. The peak is
-  lr for ``triangular``, halves every cycle for ``triangular2``, and is scaled by gamma^t for
-  ``exp_range`` (the amplitude above the base shrinks; the base stays).
+  from the base, ``base_lr_ratio`` lr, to the peak in the first half and falling back in the second.
+  The base stays; what changes is the amplitude, the distance from the base to the peak, (1 -
+  ``base_lr_ratio``) lr in the first cycle. ``triangular`` keeps it (every peak is lr), ``triangular2``
+  halves it every cycle (cycle n, from 1, peaks at base + (lr - base) / 2^(n-1): the peak tends to
+  the base, not to 0), and ``exp_range`` scales it by gamma^t.
 * ``one_cycle`` (Smith 2018), torch's ``OneCycleLR``: from lr/``div_factor`` up to lr over the first
   ``pct_start`` of the run, then down to lr/(``div_factor`` x ``final_div_factor``); with
   ``cycle_momentum`` Adam's beta1 moves the other way, from ``max_momentum`` down to ``base_momentum``
@@ -69,8 +71,8 @@ def cyclic(optimizer, total_steps: int, mode: str = "triangular", cycle_steps: i
         raise ConfigError(f"schedule.base_lr_ratio={base_lr_ratio} must lie in (0, 1): the cycle's lowest LR "
                           f"as a fraction of its peak.")
     if mode == "exp_range" and not 0.0 < gamma <= 1.0:
-        raise ConfigError(f"schedule.gamma={gamma} must lie in (0, 1] for mode=exp_range (the peak shrinks as "
-                          f"gamma^step).")
+        raise ConfigError(f"schedule.gamma={gamma} must lie in (0, 1] for mode=exp_range (the amplitude shrinks "
+                          f"as gamma^step).")
     _check_momentum(cycle_momentum, base_momentum, max_momentum)
     peaks = [g["lr"] for g in optimizer.param_groups]
     return CyclicLR(optimizer, base_lr=[base_lr_ratio * p for p in peaks], max_lr=peaks,

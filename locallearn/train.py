@@ -4,7 +4,7 @@
 :func:`build`, before the first training step; each raises :class:`ConfigError` with one sentence.
 """
 
-import json
+import errno
 import logging
 import warnings
 from dataclasses import dataclass
@@ -14,15 +14,20 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from locallearn.atomic import write_json, write_text
+from locallearn.checkpoint import check_compatible
+from locallearn.checks import check_config
 from locallearn.chunked import ChunkedGPT
 from locallearn.chunking import ChunkPlan
-from locallearn.errors import ConfigError
+from locallearn.errors import ConfigError, OutputError
 from locallearn.execution import get_step
 from locallearn.model import GPT
 from locallearn.module import LocalLearner, check_chunk_lr, check_hypergrad_lr, check_loss_weights
 from locallearn.pipeline import PipelineLearner, check_pipeline
+from locallearn.rundir import save_hydra_files
 from locallearn.switch import Switch
 
 log = logging.getLogger(__name__)
@@ -97,6 +102,7 @@ def make_module(cfg: DictConfig, net: ChunkedGPT, objective, switch: Switch | No
 
 def build(cfg: DictConfig) -> Run:
     """Seed, check and instantiate data, model, module and trainer. Nothing is trained yet."""
+    check_config(cfg)  # every value in its range (locallearn/checks.py) before anything is read or built
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     get_step(cfg.mode)
@@ -117,6 +123,9 @@ def build(cfg: DictConfig) -> Run:
     check_chunk_lr(cfg.optim.get("chunk_lr"), len(plan))
     check_hypergrad_lr(cfg.optim.get("hypergrad_lr"))
     switch = Switch(**cfg.get("switch", {}))
+    if cfg.data.block_size < objective.min_block_size:
+        raise ConfigError(f"objective={objective.name} needs data.block_size >= {objective.min_block_size} but got "
+                          f"data.block_size={cfg.data.block_size}; raise it or use objective=mlm.")
     if cfg.data.block_size > model_cfg.block_size:
         raise ConfigError(
             f"data.block_size={cfg.data.block_size} exceeds model.block_size={model_cfg.block_size}; "
@@ -138,6 +147,8 @@ def build(cfg: DictConfig) -> Run:
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the weights' init does not depend on the data
     net = make_net(cfg, objective, datamodule.vocab_size)
     module = make_module(cfg, net, objective, switch)
+    if cfg.get("ckpt_path"):
+        check_compatible(cfg.ckpt_path, module.hparams.config, module.state_dict())
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -158,25 +169,47 @@ def quiet_lightning():
         logging.getLogger(name).addFilter(_DropAdverts())
 
 
-def record_config_error(output_dir: Path, error: ConfigError) -> None:
-    """A ``summary.json`` for a run refused before training, so that sweep reports list it as failed."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    status = f"failed: ConfigError: {error}"
-    (output_dir / "summary.json").write_text(json.dumps({"status": status, "steps": 0}, indent=2))
+def record_config_error(cfg: DictConfig, error: ConfigError) -> None:
+    """A ``summary.json`` (and ``.hydra/``) for a sweep job refused before training, so that sweep reports list
+    it as failed. Only into a directory that holds no run yet: a refused continuation leaves its run untouched."""
+    output_dir = Path(cfg.paths.output_dir)
+    if (output_dir / "config.yaml").exists():
+        return
+    save_hydra_files(cfg, output_dir)
+    write_json(output_dir / "summary.json", {"status": f"failed: ConfigError: {error}", "steps": 0})
+
+
+# A run that cannot write (a full disk, a read-only or vanished directory) ends with one line, not a traceback.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOENT,
+                errno.EIO}
+
+
+def _write_failure(e: OSError, cfg: DictConfig, run: Run) -> OutputError:
+    ckpt = next((cb for cb in run.trainer.checkpoint_callbacks if getattr(cb, "last_step", None) is not None), None)
+    kept = (f"{ckpt.last_model_path} (step {ckpt.last_step}) is intact, and resume={run.output_dir} continues from it"
+            if ckpt else "no checkpoint had been written yet")
+    return OutputError(f"could not write {e.filename or 'an output file'} ({e.strerror or e}) with "
+                       f"paths.log_dir={cfg.paths.log_dir}; free space there or point paths.log_dir at a writable "
+                       f"disk; {kept}.")
 
 
 def train(cfg: DictConfig) -> dict:
     """Fit one run; return its summary (also written to ``summary.json`` in the run directory)."""
     quiet_lightning()
     run = build(cfg)
-    run.output_dir.mkdir(parents=True, exist_ok=True)
-    # Hydra's .hydra/config.yaml keeps interpolations; this one holds the values the run used.
-    OmegaConf.save(cfg, run.output_dir / "config.yaml", resolve=True)
-    run.datamodule.save_vocab(run.output_dir)
+    if rank_zero_only.rank == 0:  # data-parallel processes share rank 0's directory; only it writes
+        save_hydra_files(cfg, run.output_dir)
+        # .hydra/config.yaml keeps interpolations; this one holds the values the run used.
+        write_text(run.output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        run.datamodule.save_vocab(run.output_dir)
     log.info(run.datamodule.describe())
     log.info("chunk plan (%s mode):\n%s", cfg.mode, run.module.net.plan.describe())
     try:
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise _write_failure(e, cfg, run) from e
     finally:
         if hasattr(run.module, "shutdown"):  # mode=pipeline: no worker process outlives its run
             run.module.shutdown()

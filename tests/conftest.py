@@ -91,3 +91,63 @@ class NanAt:
                             p.fill_(float("nan"))
 
         return _Nan()
+
+
+class FullDisk:
+    """Opens files whose writes fail with ENOSPC once ``budget`` bytes have gone through all of them
+    (``budget=0``: at once), as on a disk that fills up; installed as ``locallearn.atomic._fdopen``."""
+
+    def __init__(self, budget: int = 0):
+        self.budget = budget
+
+    def __call__(self, fd, mode="r", **kwargs):
+        import os
+
+        return _Limited(os.fdopen(fd, mode, **kwargs), self)
+
+
+class _Limited:
+    def __init__(self, f, disk: FullDisk):
+        self._f, self._disk = f, disk
+
+    def write(self, data):
+        import errno
+        import os
+
+        size = len(data.encode() if isinstance(data, str) else data)
+        if size > self._disk.budget:
+            self._f.write(data[:self._disk.budget])  # what still fits, as a real disk would take it
+            self._disk.budget = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._disk.budget -= size
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+
+
+class DiskFullAt:
+    """A test callback: from ``step`` on, every atomic write of the run fails with ENOSPC (a full disk)."""
+
+    def __new__(cls, step: int):
+        import lightning as L
+
+        import locallearn.atomic
+
+        class _Full(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    locallearn.atomic._fdopen = FullDisk(0)
+
+            def teardown(self, trainer, pl_module, stage):
+                import os
+
+                locallearn.atomic._fdopen = os.fdopen
+
+        return _Full()

@@ -65,12 +65,19 @@ def test_one_chunk_is_the_plain_model():
     torch.testing.assert_close(logits, net.gpt(idx), rtol=0, atol=0)
 
 
-def test_joint_and_sequential_give_the_same_gradients():
-    idx, targets = batch()
+DROPOUT = GPTConfig(n_layer=4, n_head=2, n_embd=16, block_size=16, vocab_size=32, dropout=0.1)
+
+
+@pytest.mark.parametrize(("cfg", "chunks", "overlap"),
+                         [(TINY, 3, 0), (DROPOUT, 2, 1), (DROPOUT, 2, 2), (DROPOUT, 4, 1)],
+                         ids=["plain", "dropout,chunks=2,overlap=1", "dropout,chunks=2,overlap=2",
+                              "dropout,chunks=4,overlap=1"])
+def test_joint_and_sequential_give_the_same_gradients(cfg, chunks, overlap):
+    idx, targets = batch(cfg)
     grads = {}
     for name, step in (("joint", joint_step), ("sequential", sequential_step)):
-        net = make_net(chunks=3)
-        losses = step(net, idx, chunk_loss(targets), lambda loss: loss.backward(), [1.0] * 3)
+        net = make_net(cfg, chunks=chunks, overlap=overlap)  # seeds the RNG: both modes draw the same masks
+        losses = step(net, idx, chunk_loss(targets), lambda loss: loss.backward(), [1.0] * chunks)
         grads[name] = ([p.grad.clone() for p in net.parameters()], torch.stack(losses))
     for gj, gs in zip(grads["joint"][0], grads["sequential"][0]):
         torch.testing.assert_close(gj, gs, rtol=0, atol=0)
@@ -149,3 +156,77 @@ def test_global_mode_lets_the_last_loss_reach_every_chunk():
     lm_loss(logits, targets).backward()
     assert net.gpt.wte.weight.grad is not None and net.gpt.blocks[0].attn.c_attn.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in net.aux_heads.parameters())
+
+
+OVERLAPS = [(2, 1), (2, 2), (4, 1)]  # chunks, overlap: part of, and all of, the previous chunk
+
+
+def run_to(net, idx, k):
+    """Chunks 0..k-1 forward: the hand-off chunk k starts from."""
+    x = idx
+    for j in range(k):
+        x, _, _ = net.forward_chunk(j, x)
+    return x
+
+
+@pytest.mark.parametrize(("chunks", "overlap"), OVERLAPS)
+def test_overlap_recomputation_replays_the_dropout_masks_bit_for_bit(chunks, overlap):
+    net = make_net(DROPOUT, chunks=chunks, overlap=overlap).train()
+    idx, _ = batch(DROPOUT)
+    for k in range(1, chunks):
+        handoff = run_to(net, idx, k)
+        state = torch.get_rng_state()
+        again = net.recompute_overlap(k, handoff)
+        assert torch.equal(again, handoff[net.plan[k].start]), f"chunk {k + 1}'s recomputation differs"
+        assert torch.equal(torch.get_rng_state(), state), "the replay moved the global random stream"
+        handoff.pop("rng")  # without the recorded state, the recomputation draws other masks
+        assert not torch.equal(net.recompute_overlap(k, handoff), handoff[net.plan[k].start])
+
+
+def through_recomputation(net, idx, k):
+    """Chunk k's logits as training computes them: its input's gradient goes through the recomputed overlap."""
+    _, _, logits = net.forward_chunk(k, run_to(net, idx, k))
+    return logits
+
+
+def through_one_graph(net, idx, k):
+    """Chunk k's logits with chunk k-1 written out and cut at chunk k's cut: the overlapped blocks run once,
+    and chunk k's gradient flows through that forward (the heads draw no dropout masks)."""
+    chunk, prev = net.plan[k], net.plan[k - 1]
+    x = run_to(net, idx, k - 1)
+    h = net.gpt.embed(x) if k == 1 else net._input(k - 1, x)
+    for i in range(prev.start, chunk.cut):
+        h = net.gpt.blocks[i](h)
+    h = h.detach()
+    for i in range(chunk.cut, chunk.end):  # the overlapped blocks, then chunk k's own
+        h = net.gpt.blocks[i](h)
+    return net.head(k, h)
+
+
+@pytest.mark.parametrize(("chunks", "overlap"), OVERLAPS)
+def test_overlap_gradient_is_the_gradient_through_the_original_forward(chunks, overlap):
+    """Chunk k's loss gives the blocks it overlaps the gradient through the very forward (dropout masks
+    included) that produced the value handed on, as one graph without recomputation computes it."""
+    net = make_net(DROPOUT, chunks=chunks, overlap=overlap).train()
+    idx, targets = batch(DROPOUT)
+    for k in range(1, chunks):
+        chunk = net.plan[k]
+        overlapped = [p for i in range(chunk.cut, chunk.start) for p in net.gpt.blocks[i].parameters()]
+        grads = []
+        for forward in (through_recomputation, through_one_graph):
+            torch.manual_seed(7)
+            grads.append(torch.autograd.grad(lm_loss(forward(net, idx, k), targets), overlapped))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_overlap_with_dropout_does_not_change_what_is_handed_on():
+    """The replay draws nothing from the global stream: later chunks draw the masks they draw without overlap."""
+    outputs = []
+    for overlap in (0, 1):
+        net = make_net(DROPOUT, chunks=4, overlap=overlap).train()
+        torch.manual_seed(3)
+        outputs.append(net(batch(DROPOUT)[0]))
+    for (h0, l0), (h1, l1) in zip(*outputs):
+        torch.testing.assert_close(h0, h1, rtol=0, atol=0)
+        torch.testing.assert_close(l0, l1, rtol=0, atol=0)

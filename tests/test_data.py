@@ -1,14 +1,16 @@
 """The data layer: the synthetic language and its labels, training/validation windows, text corpora."""
 
+import hashlib
 import itertools
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
 
 from locallearn.data import Grammar, SyntheticDataModule, TextDataModule, TokenDataModule
-from locallearn.data.synthetic import CATEGORIES, NUMBERS
+from locallearn.data.synthetic import CATEGORIES, NUMBERS, ROLES
 from locallearn.data.windows import RandomWindows, fixed_windows
 from locallearn.errors import ConfigError
 from tests.conftest import SHARED_DATA
@@ -16,11 +18,25 @@ from tests.conftest import SHARED_DATA
 SMALL = dict(batch_size=8, block_size=16, n_train_tokens=20000, n_val_tokens=4000)
 CAT = {name: i for i, name in enumerate(CATEGORIES)}
 NUM = {name: i for i, name in enumerate(NUMBERS)}
+ROLE = {name: i for i, name in enumerate(ROLES)}
+# sha256 of Grammar(1234).corpus(200000, seed=2469)'s fields, recorded before `agreement` and `role` were added:
+# recording labels must not change the stream (or the older labels) of any corpus seed.
+STREAM_SHA256 = {
+    "tokens": "7378928c24b86562c56a79991ae88e57212f7a41f034295d1377b494173195aa",
+    "depth": "a776a87ee66a62753e17f693397fdb7d16684016fec28e1ef1060e15baaefd47",
+    "category": "1345f3adef919aac2c980334582b554083c006edff3ad102d2e7c2bd9499b9e6",
+    "number": "d1c791a7c2679e438cf83403452d06730c88247ab18c5f48e015105b849188b9",
+}
 
 
 @pytest.fixture(scope="module")
 def dm():
     return SyntheticDataModule(**SMALL)
+
+
+@pytest.fixture(scope="module")
+def big():
+    return Grammar(1234).corpus(200000, seed=2469)
 
 
 def sentences(corpus, stop: int):
@@ -39,7 +55,7 @@ def test_synthetic_corpus_is_deterministic_per_seed():
     assert a.vocab == b.vocab
     for split in ("train_corpus", "val_corpus"):
         x, y = getattr(a, split), getattr(b, split)
-        for field in ("tokens", "category", "depth", "number"):
+        for field in ("tokens", "category", "depth", "number", "agreement", "role"):
             assert torch.equal(getattr(x, field), getattr(y, field)), (split, field)
     assert not torch.equal(a.train_tokens, c.train_tokens)
     assert not torch.equal(a.val_tokens, c.val_tokens)
@@ -57,6 +73,7 @@ def test_labels_are_the_grammar_categories_and_numbers_of_each_token(dm, split):
     corpus, g = getattr(dm, split), dm.grammar
     n = len(corpus.tokens)
     assert len(corpus.category) == len(corpus.depth) == len(corpus.number) == n
+    assert len(corpus.agreement) == len(corpus.role) == n
     assert corpus.category.tolist() == [g.cat_of[t] for t in corpus.tokens.tolist()]
     assert corpus.number.tolist() == [g.num_of[t] for t in corpus.tokens.tolist()]
     # the lexicon's categories are the ones its word lists say
@@ -139,6 +156,83 @@ def test_main_clause_verbs_agree_with_the_subject(dm):
         assert all(num[v] == num[subject] for v in verbs), f"sentence at {start}"
         checked += 1
     assert checked > 500
+
+
+def test_recording_labels_leaves_the_token_stream_unchanged(big):
+    for field, digest in STREAM_SHA256.items():
+        assert hashlib.sha256(getattr(big, field).numpy().tobytes()).hexdigest() == digest, field
+
+
+@pytest.mark.parametrize("split", ["train_corpus", "val_corpus"])
+def test_agreement_is_the_number_of_the_tokens_clause(dm, split):
+    corpus, g = getattr(dm, split), dm.grammar
+    tok, cat, num = corpus.tokens.tolist(), corpus.category.tolist(), corpus.number.tolist()
+    depth, agr, role = corpus.depth.tolist(), corpus.agreement.tolist(), corpus.role.tolist()
+    assert set(agr) == {NUM["sg"], NUM["pl"]}  # every token has one
+    for i, t in enumerate(tok):
+        if cat[i] == CAT["VERB"]:
+            assert agr[i] == num[i], i  # a verb agrees with its clause
+        if t in (g.that, g.and_) and i + 1 < len(tok):
+            assert agr[i] == num[i + 1], i  # ... and "that" / "and" open (or continue) the clause of the next verb
+    for start, end in sentences(corpus, g.stop):
+        subject = next(i for i in range(start, end) if cat[i] == CAT["NOUN"])
+        assert role[subject] == ROLE["subject"]
+        # the main clause (every token outside phrases and relative clauses, "." too) agrees with its subject
+        assert all(agr[i] == num[subject] for i in range(start, end) if depth[i] == 0), start
+
+
+def test_agreement_follows_the_clause_not_the_nearest_noun(big):
+    """ "the dog near the cats that sleep runs .": the relative clause can modify "cats" or "dog"; the
+    number of its verb says which. Everything outside it belongs to the main clause (the subject's number)."""
+    tok, cat, num = big.tokens.tolist(), big.category.tolist(), big.number.tolist()
+    shape = [CAT[c] for c in ("DET", "NOUN", "PREP", "DET", "NOUN", "COMP", "VERB")]
+    seen = {"inner": 0, "outer": 0}
+    for i in range(1, len(tok) - len(shape)):
+        if cat[i - 1] != CAT["PUNCT"] or cat[i:i + 7] != shape or num[i + 1] == num[i + 4]:
+            continue
+        dog, cats = num[i + 1], num[i + 4]
+        inner = num[i + 6] == cats  # the relative clause modifies "cats"
+        seen["inner" if inner else "outer"] += 1
+        rc = cats if inner else dog
+        assert big.agreement[i:i + 7].tolist() == [dog] * 5 + [rc] * 2, i
+        assert big.depth[i:i + 7].tolist() == [0, 0, 1, 1, 1] + ([2, 2] if inner else [1, 1]), i
+        assert big.role[i:i + 7].tolist() == [0, ROLE["subject"], 0, 0, ROLE["pobj"], 0, 0], i
+    assert min(seen.values()) > 50, seen
+
+
+@pytest.mark.parametrize("split", ["train_corpus", "val_corpus"])
+def test_role_is_the_role_of_the_noun_phrase_each_noun_heads(dm, split):
+    corpus = getattr(dm, split)
+    cat, role = corpus.category.tolist(), corpus.role.tolist()
+    found = set()
+    for i, c in enumerate(cat):
+        if c != CAT["NOUN"]:
+            assert role[i] == ROLE["none"], i
+            continue
+        det = i - 1
+        while cat[det] == CAT["ADJ"]:
+            det -= 1
+        before = cat[det - 1] if det > 0 else CAT["PUNCT"]  # what introduces the noun phrase
+        expected = {CAT["PUNCT"]: "subject", CAT["VERB"]: "object", CAT["PREP"]: "pobj"}[before]
+        assert role[i] == ROLE[expected], i
+        found.add(expected)
+    assert found == {"subject", "object", "pobj"}
+
+
+def test_which_labels_are_functions_of_the_token_id(big):
+    """category and number are lexical; depth, agreement and role are not: most token ids carry several."""
+    tok = big.tokens.numpy()
+    ambiguous = {}
+    for field in ("category", "number", "depth", "agreement", "role"):
+        labels = getattr(big, field).numpy()
+        keep = labels > 0 if field == "role" else labels >= 0  # role: nouns only
+        labels_per_id = Counter(t for t, _ in set(zip(tok[keep].tolist(), labels[keep].tolist())))
+        ambiguous[field] = (sum(n > 1 for n in labels_per_id.values()), len(labels_per_id))
+    assert ambiguous["category"][0] == 0 and ambiguous["number"][0] == 0, ambiguous
+    assert ambiguous["depth"][0] > 0.9 * ambiguous["depth"][1], ambiguous  # every word can be nested
+    assert ambiguous["role"][0] == ambiguous["role"][1] == 120, ambiguous  # every noun in every role
+    # agreement: every token but the verbs, which carry their own number (40 verbs, 2 forms)
+    assert ambiguous["agreement"] == (ambiguous["agreement"][1] - 80, 248), ambiguous
 
 
 def test_bigram_model_beats_unigram_but_language_is_not_trivial(dm):

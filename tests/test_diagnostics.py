@@ -12,16 +12,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from locallearn.config import PROJECT_ROOT
-from locallearn.diagnostics import (
-    Context,
-    DivergenceWatch,
-    Thresholds,
-    diagnose,
-    find_overfitting,
-    find_plateaus,
-    find_rising,
-    find_spikes,
-)
+from locallearn.detectors import find_overfitting, find_plateaus, find_rising, find_spikes
+from locallearn.diagnostics import Context, DivergenceWatch, Thresholds, diagnose
 from locallearn.errors import ConfigError
 from locallearn.train import build, train
 from tests.conftest import TINY
@@ -48,6 +40,41 @@ def test_a_planted_spike_is_found_at_its_step():
     findings = diagnose({1: (steps, values)}, {1: clean_val()})
     assert [(f.kind, f.chunk, f.first_step) for f in findings] == [("spike", 1, 1234)]
     assert "1 spike at step 1234" in findings[0].evidence
+
+
+def spiked(seed, *steps):
+    """A clean train curve with a spike planted at each of ``steps``."""
+    s, values = clean_train(seed)
+    for step in steps:
+        values[step] += 1.0
+    return s, values
+
+
+def test_a_spike_every_chunk_shows_at_one_step_is_the_batchs_reported_once():
+    """As at step 538 of the issue: chunk 1, whose input is the batch itself, spikes with the chunks after it
+    (chunk 3 a step late), so no chunk is blamed on the one before it."""
+    train = {1: spiked(0, 538), 2: spiked(1, 538), 3: spiked(2, 539)}
+    (finding,) = diagnose(train, {})
+    assert (finding.kind, finding.chunks, finding.first_step) == ("batch spike", [1, 2, 3], 538)
+    assert "an unusual batch" in finding.cause and "chunk 1, whose input is the data itself" in finding.cause
+    assert "nothing if they stay rare" in finding.remedy
+    assert finding.line().startswith("chunks 1, 2, 3, step 538: batch spike (train): 1 spike of chunk 1 and later")
+    # chunk 1 with only some of the later chunks is the batch's too, and the others' own spikes stay theirs
+    findings = diagnose({1: spiked(0, 538), 2: spiked(1), 3: spiked(2, 539, 1500)}, {})
+    assert [(f.kind, f.chunks or [f.chunk], f.first_step) for f in findings] == [
+        ("batch spike", [1, 3], 538), ("spike", [3], 1500)]
+    assert "follow spikes" not in findings[1].cause
+
+
+def test_a_spike_the_previous_chunk_shows_without_chunk_1_is_blamed_on_the_previous_chunk():
+    train = {1: spiked(0), 2: spiked(1, 538, 1500), 3: spiked(2, 538, 1501)}
+    findings = diagnose(train, {})
+    assert [(f.kind, f.chunk) for f in findings] == [("spike", 2), ("spike", 3)]
+    assert "follow spikes of chunk 2" in findings[1].cause
+    assert "follow spikes" not in findings[0].cause  # chunk 2's own: chunk 1 did not spike
+    # chunk 1 spiking alone is its own spike, not the batch's
+    (alone,) = diagnose({1: spiked(0, 538), 2: spiked(1)}, {})
+    assert (alone.kind, alone.chunk, alone.chunks) == ("spike", 1, None)
 
 
 def test_a_clean_decreasing_curve_yields_no_finding():
@@ -141,7 +168,7 @@ def test_divergence_watch():
 
 
 def test_bad_thresholds_are_refused(make_cfg):
-    with pytest.raises(ConfigError, match=r"callbacks.diagnostics.spike_window=3 must be at least 10"):
+    with pytest.raises(ConfigError, match=r"callbacks.diagnostics.spike_window=3 must be .*at least 10"):
         build(make_cfg("callbacks.diagnostics.spike_window=3"))
     with pytest.raises(ConfigError, match=r"callbacks.diagnostics.spike_zz is not a diagnostics setting"):
         build(make_cfg("+callbacks.diagnostics.spike_zz=3"))
@@ -161,12 +188,20 @@ def test_a_run_writes_diagnostics_and_says_why_its_curves_are_too_short_to_fit(m
     assert "diagnostics/text_summary" in acc.Tags()["tensors"]
 
 
-def test_a_long_enough_run_fits_its_val_curves(make_cfg):
+def test_a_cosine_run_fits_its_val_curves_but_does_not_extrapolate_them(make_cfg):
+    """The default schedule decays the LR to the end of the run, so the fits' ends follow the schedule."""
     cfg = make_cfg("chunks=2", "trainer.max_steps=30", "trainer.val_check_interval=5")
     summary = train(cfg)
-    fit = summary["curve_fit"]["chunk2"]
-    assert fit["points"] == 6 and fit["predicted"]["step"] == 300
-    assert (Path(cfg.paths.output_dir) / "curve_fit.png").is_file()
+    for k in (1, 2):
+        fit = summary["curve_fit"][f"chunk{k}"]
+        assert fit["points"] == 6 and "predicted" not in fit
+        # peak 1e-3 at step 1, 9.75e-4 at the first evaluation (step 5), 1.03e-4 at the last step (29)
+        assert fit["not_extrapolated"].startswith("the learning rate decays to the end of the run (from 9.75e-04 "
+                                                  "to 1.03e-04 over the fitted steps)")
+        assert "fit a constant-LR run (schedule=constant) to extrapolate" in fit["not_extrapolated"]
+    out = Path(cfg.paths.output_dir)
+    assert json.loads((out / "diagnostics.json").read_text())["curve_fit"] == summary["curve_fit"]
+    assert (out / "curve_fit.png").is_file()
 
 
 def test_a_planted_nan_stops_the_run_keeping_the_last_good_checkpoint_and_the_summary(tmp_path):

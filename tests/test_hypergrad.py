@@ -70,5 +70,5 @@ def test_a_run_adapts_and_logs_each_chunks_lr(make_cfg):
 
 
 def test_a_non_positive_step_size_is_refused(make_cfg):
-    with pytest.raises(ConfigError, match=r"optim.hypergrad_lr=-0.1 must be a positive hypergradient step size"):
+    with pytest.raises(ConfigError, match=r"optim.hypergrad_lr=-0.1 must be a finite number above 0 or null; a "):
         build(make_cfg("optim.hypergrad_lr=-0.1"))

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import math
+import re
 import subprocess
 import sys
 
@@ -9,7 +11,7 @@ import pytest
 
 from locallearn.config import PROJECT_ROOT
 from locallearn.errors import ConfigError
-from locallearn.lr_range import RangeSettings, run
+from locallearn.lr_range import SMOOTH_FRACTION, RangeSettings, run
 from locallearn.train import build
 from tests.conftest import TINY, tiny_overrides
 
@@ -27,6 +29,27 @@ def test_one_suggestion_per_chunk_inside_the_swept_range(make_cfg):
         assert c.lrs == sorted(c.lrs) and len(c.lrs) == len(c.losses) == len(c.smoothed)
         assert c.min_loss < c.smoothed[0]  # the loss fell somewhere in the sweep
         assert c.diverged_at is not None  # lr 10 is far too high for anything
+        ema, beta = 0.0, RANGE.ema_factor  # the smoothed loss is the bias-corrected EMA of the default window
+        for i, (loss, s) in enumerate(zip(c.losses, c.smoothed)):
+            ema = beta * ema + (1 - beta) * loss
+            assert s == pytest.approx(ema / (1 - beta ** (i + 1)))
+
+
+@pytest.mark.parametrize("steps", [100, 300, 1000])
+def test_the_default_smoothing_window_is_a_fixed_fraction_of_the_sweep(steps):
+    """So the smoothed curve lags the LR by the same share of the swept range, however long the sweep."""
+    beta = RangeSettings(steps=steps).ema_factor
+    assert 1 / (1 - beta) == pytest.approx(SMOOTH_FRACTION * steps)  # the EMA's time constant, in steps
+    assert RangeSettings(steps=300).ema_factor == pytest.approx(1 - 1 / 15)
+    assert RangeSettings(steps=12).ema_factor == 0.0  # a window under one step: no smoothing
+    assert RangeSettings(steps=steps, smooth=0.98).ema_factor == 0.98  # an explicit factor is kept
+
+
+def test_the_config_leaves_the_smoothing_to_the_sweep_length():
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(PROJECT_ROOT / "conf" / "lr_range_test.yaml").lr_range.smooth is None
+    assert math.isclose(RangeSettings().ema_factor, 1 - 1 / (SMOOTH_FRACTION * RangeSettings().steps))
 
 
 def test_the_script_writes_csv_rows_per_chunk_suggestions_and_figure(tmp_path):
@@ -50,9 +73,10 @@ def test_the_script_writes_csv_rows_per_chunk_suggestions_and_figure(tmp_path):
     ({"lr_min": 0.0}, "lr_range.lr_min=0.0 and lr_range.lr_max=1.0 must both be positive"),
     ({"lr_min": -1e-3}, "lr_range.lr_min=-0.001 and lr_range.lr_max=1.0 must both be positive"),
     ({"steps": 5}, "lr_range.steps=5 is too short"),
+    ({"smooth": 1.0}, "lr_range.smooth=1.0 must lie in [0, 1) (the EMA factor), or be null"),
 ])
 def test_bad_sweep_ranges_are_refused(settings, message):
-    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
         RangeSettings(**settings).check()
 
 

@@ -84,12 +84,13 @@ def test_one_cycle_with_cyclical_momentum():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["schedule=cyclic", "schedule.cycle_steps=0"], "schedule.cycle_steps=0 must be at least 2"),
+    (["schedule=cyclic", "schedule.cycle_steps=0"], "schedule.cycle_steps=0 must be a whole number of at least 2"),
     (["schedule=cyclic", "schedule.cycle_steps=50"], "schedule.cycle_steps=50 is longer than the run"),
-    (["schedule=cyclic", "schedule.mode=sawtooth"], "schedule.mode='sawtooth' is not a cyclical mode"),
+    (["schedule=cyclic", "schedule.mode=sawtooth"],
+     "schedule.mode=sawtooth must be one of triangular, triangular2, exp_range"),
     (["schedule=cyclic", "schedule.cycle_steps=4", "schedule.base_lr_ratio=1.5"],
-     "schedule.base_lr_ratio=1.5 must lie in (0, 1)"),
-    (["schedule=one_cycle", "schedule.pct_start=1.2"], "schedule.pct_start=1.2 must lie in (0, 1)"),
+     "schedule.base_lr_ratio=1.5 must be a finite number in (0, 1)"),
+    (["schedule=one_cycle", "schedule.pct_start=1.2"], "schedule.pct_start=1.2 must be a finite number in (0, 1)"),
     (["schedule=one_cycle", "schedule.base_momentum=0.99"], "schedule.base_momentum=0.99 and schedule.max_momentum"),
     (["schedule.warmup_steps=6"], "schedule.warmup_steps=6 must be at least 0 and shorter than the run"),
 ])
@@ -119,5 +120,5 @@ def test_a_run_logs_the_lr_each_step_uses_per_chunk(make_cfg):
 def test_chunk_lr_must_name_one_rate_per_chunk(make_cfg):
     with pytest.raises(ConfigError, match=r"optim.chunk_lr=\[0.01\] must hold 2 positive learning rates"):
         build(make_cfg("chunks=2", "optim.chunk_lr=[0.01]"))
-    with pytest.raises(ConfigError, match=r"optim.chunk_lr=\[0.01, -1\] must hold 2 positive"):
+    with pytest.raises(ConfigError, match=r"optim.chunk_lr=\[0.01,-1\] must be a list of numbers, each a finite"):
         build(make_cfg("chunks=2", "optim.chunk_lr=[0.01,-1]"))

@@ -113,3 +113,12 @@ def test_training_learns_the_synthetic_language(make_cfg):
                              "data.batch_size=16", "optim.lr=3e-3", "schedule.warmup_steps=10"))
     unigram = run.datamodule.unigram_entropy()
     assert all(v < unigram - 0.8 for v in run.module.final_val), (run.module.final_val, unigram)
+
+
+def test_the_val_loss_is_a_weighted_mean_and_a_nan_batch_makes_it_nan(make_cfg):
+    metric = build(make_cfg("chunks=2")).module.val_loss[0]
+    metric.update(torch.tensor(1.0), weight=3)
+    metric.update(torch.tensor(2.0), weight=1)
+    assert float(metric.compute()) == pytest.approx(1.25)  # weighted by the batches' targets
+    metric.update(torch.tensor(float("nan")), weight=2)
+    assert math.isnan(float(metric.compute()))  # not dropped: a partly diverged model does not look finite

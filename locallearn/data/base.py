@@ -1,6 +1,5 @@
 """The LightningDataModule shared by every token corpus."""
 
-import json
 import math
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from locallearn.atomic import write_json
 from locallearn.data.windows import RandomWindows, fixed_windows
 from locallearn.errors import ConfigError
 
@@ -76,9 +76,8 @@ class TokenDataModule(L.LightningDataModule):
 
     def save_vocab(self, run_dir):
         """Write ``vocab.json`` (token strings by id) so a run's ids can be decoded later."""
-        path = Path(run_dir) / "vocab.json"
-        path.write_text(json.dumps({"data": self.name, "tokens": self.vocab}, ensure_ascii=False, indent=1))
-        return path
+        return write_json(Path(run_dir) / "vocab.json", {"data": self.name, "tokens": self.vocab}, indent=1,
+                          ensure_ascii=False)
 
     def describe(self) -> str:
         return (

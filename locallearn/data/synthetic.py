@@ -1,9 +1,10 @@
 """An embedded synthetic language: a small probabilistic grammar with nesting and agreement.
 
 No download: the corpus is generated from a seed. Every token comes with latent labels kept for
-probing: its word category, its nesting depth (how many prepositional phrases and relative clauses
-enclose it) and its grammatical number. The language has structure at several ranges, so that it
-is learnable but not trivial:
+probing (see :class:`Corpus`): its word category and grammatical number (both fixed by the token
+id), and three that depend on its context: its nesting depth, the number its clause's verb agrees
+with, and for nouns the role of their noun phrase. The language has structure at several ranges, so
+that it is learnable but not trivial:
 
 * local: category order (determiner, adjectives, noun ...), determiner-noun number agreement;
 * mid-range: a transitive verb prefers objects of one semantic class, adjectives prefer nouns of theirs;
@@ -29,6 +30,8 @@ from locallearn.data.base import TokenDataModule
 
 CATEGORIES = ("PUNCT", "DET", "ADJ", "NOUN", "VERB", "PREP", "COMP", "CONJ")
 NUMBERS = ("none", "sg", "pl")
+ROLES = ("none", "subject", "object", "pobj")
+_SUBJ, _OBJ, _POBJ = 1, 2, 3
 _ONSETS = "b d f g k l m n p r s t v z br dr gl kr pl sl st tr".split()
 _VOWELS = "a e i o u ai ou".split()
 _CODAS = ["", "", "n", "m", "l", "r", "k", "p", "t", "x"]
@@ -36,12 +39,29 @@ _CODAS = ["", "", "n", "m", "l", "r", "k", "p", "t", "x"]
 
 @dataclass
 class Corpus:
-    """A token stream and its per-token latent labels (all 1-D, same length)."""
+    """A token stream and its per-token latent labels (all 1-D, same length).
+
+    ``category`` and ``number`` are the lexicon's: functions of the token id. The others are not:
+
+    * ``depth``: how many prepositional phrases and relative clauses enclose the token (0 = the main
+      clause outside any of them; a preposition or "that" belongs to the phrase it opens).
+    * ``agreement``: the number (sg / pl) that the verb of the token's clause agrees with. The clauses
+      are the sentence (S -> NP VP ".") and every relative clause (RC[n] -> "that" VP[n]); a token
+      belongs to the innermost clause that contains it (prepositional and noun phrases open none).
+      A sentence agrees with its subject; a relative clause with the noun phrase it modifies. In
+      "the dog near the cats that sleep runs ." with the relative clause on "cats", "the dog near the
+      cats runs ." are sg (the main clause: "runs" agrees with "dog") and "that sleep" pl. Verbs and
+      subject nouns carry their own number; every other token's label comes from its context alone.
+    * ``role``: for a noun, the role of the noun phrase it heads: subject (of the sentence), object
+      (of a transitive verb) or pobj (the object of a preposition); "none" for every other token.
+    """
 
     tokens: torch.Tensor  # token ids
     category: torch.Tensor  # index into CATEGORIES
     depth: torch.Tensor  # nesting depth, 0 = main clause
     number: torch.Tensor  # index into NUMBERS
+    agreement: torch.Tensor  # index into NUMBERS: the clause's number, sg or pl, for every token
+    role: torch.Tensor  # index into ROLES
 
 
 class Grammar:
@@ -112,56 +132,60 @@ class Grammar:
                 words.append(w)
         return words
 
-    # -- sampling: each rule appends (token, depth) pairs to ``out`` -------------------------
+    # -- sampling: each rule appends (token, depth, clause number, role) to ``out`` -----------
+    # The labels are bookkeeping only: no random draw depends on them, so the token stream of a
+    # seed is the same as before they were recorded.
     def _pick(self, rng, kind: str, cls=None, strength: float = 0.8) -> int:
         """Index of a Zipf-distributed word; with probability ``strength`` one of class ``cls``."""
         table = self._cum[kind, cls if cls is not None and rng.random() < strength else None]
         return rng.choices(self._index[kind], cum_weights=table)[0]
 
-    def _np(self, rng, out, num, d, cls=None):
-        out.append((rng.choice(self.dets[num]), d))
+    def _np(self, rng, out, num, d, clause, role, cls=None):
+        out.append((rng.choice(self.dets[num]), d, clause, 0))
         noun = self._pick(rng, "noun", cls)
         while rng.random() < 0.3 and len(out) < 400:
-            out.append((self.adjs[self._pick(rng, "adj", self.noun_class[noun], 0.7)], d))
-        out.append((self.nouns[num][noun], d))
+            out.append((self.adjs[self._pick(rng, "adj", self.noun_class[noun], 0.7)], d, clause, 0))
+        out.append((self.nouns[num][noun], d, clause, role))
         if d < self.max_depth and rng.random() < 0.3 * 0.6**d:
-            out.append((self.preps[self._pick(rng, "prep")], d + 1))
-            self._np(rng, out, rng.choice(NUMBERS[1:]), d + 1)
+            out.append((self.preps[self._pick(rng, "prep")], d + 1, clause, 0))
+            self._np(rng, out, rng.choice(NUMBERS[1:]), d + 1, clause, _POBJ)
         if d < self.max_depth and rng.random() < 0.25 * 0.6**d:
-            out.append((self.that, d + 1))
+            out.append((self.that, d + 1, NUMBERS.index(num), 0))  # the relative clause agrees with this phrase
             self._vp(rng, out, num, d + 1)
 
     def _vp(self, rng, out, num, d):
+        clause = NUMBERS.index(num)  # the verb agrees with its clause, and so do the phrases below it
         verb = self._pick(rng, "verb")
-        out.append((self.verbs[num][verb], d))
+        out.append((self.verbs[num][verb], d, clause, 0))
         if self.transitive[verb]:
-            self._np(rng, out, rng.choice(NUMBERS[1:]), d, cls=self.obj_class[verb])
+            self._np(rng, out, rng.choice(NUMBERS[1:]), d, clause, _OBJ, cls=self.obj_class[verb])
         elif d < self.max_depth and rng.random() < 0.3:
-            out.append((self.preps[self._pick(rng, "prep")], d + 1))
-            self._np(rng, out, rng.choice(NUMBERS[1:]), d + 1)
+            out.append((self.preps[self._pick(rng, "prep")], d + 1, clause, 0))
+            self._np(rng, out, rng.choice(NUMBERS[1:]), d + 1, clause, _POBJ)
         if rng.random() < 0.15 * 0.5**d:
-            out.append((self.and_, d))
+            out.append((self.and_, d, clause, 0))
             self._vp(rng, out, num, d)
 
-    def sentence(self, rng: random.Random) -> list[tuple[int, int]]:
-        """One sentence as (token id, depth) pairs, ending with "."."""
-        out: list[tuple[int, int]] = []
+    def sentence(self, rng: random.Random) -> list[tuple[int, int, int, int]]:
+        """One sentence as (token id, depth, agreement, role) tuples (see :class:`Corpus`), ending with "."."""
+        out: list[tuple[int, int, int, int]] = []
         num = rng.choice(NUMBERS[1:])
-        self._np(rng, out, num, 0)
+        clause = NUMBERS.index(num)
+        self._np(rng, out, num, 0, clause, _SUBJ)
         self._vp(rng, out, num, 0)
-        out.append((self.stop, 0))
+        out.append((self.stop, 0, clause, 0))
         return out
 
     def corpus(self, n_tokens: int, seed: int) -> Corpus:
         """Whole sentences, concatenated, until at least ``n_tokens`` tokens (then cut to length)."""
         rng = random.Random(seed)
-        pairs: list[tuple[int, int]] = []
-        while len(pairs) < n_tokens:
-            pairs.extend(self.sentence(rng))
-        del pairs[n_tokens:]
-        tokens = torch.tensor([t for t, _ in pairs], dtype=torch.long)
-        depth = torch.tensor([d for _, d in pairs], dtype=torch.long)
-        return Corpus(tokens, torch.tensor(self.cat_of)[tokens], depth, torch.tensor(self.num_of)[tokens])
+        rows: list[tuple[int, int, int, int]] = []
+        while len(rows) < n_tokens:
+            rows.extend(self.sentence(rng))
+        del rows[n_tokens:]
+        tokens, depth, agreement, role = torch.tensor(rows, dtype=torch.long).reshape(-1, 4).T.contiguous()
+        return Corpus(tokens, torch.tensor(self.cat_of)[tokens], depth, torch.tensor(self.num_of)[tokens],
+                      agreement, role)
 
     def decode(self, ids) -> str:
         return " ".join(self.vocab[int(i)] for i in ids)

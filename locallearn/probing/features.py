@@ -2,8 +2,9 @@
 
 Layers, by name: ``embed`` (depth 0, token + position embedding), ``block{i}`` (after block i) and
 ``head{k}`` (what chunk k's head feeds its unembedding: after its norm, MLP or block). They are read
-at the words' positions only, in eval mode without gradients, and cached in the run directory
-(``probe_features/``) so that further probes of the same words reuse them.
+at the words' positions only, in eval mode without gradients, and cached in the probe tool's own
+``cache_dir`` (never in the run directory, which only its run writes) so that further probes of the
+same words reuse them.
 
 Context: the stream is cut into windows of the model's ``block_size`` T, overlapping by half. A causal
 model reads each position from the window where it lies in the second half (at least T/2 characters of
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from locallearn.atomic import atomic_open
 from locallearn.chunked import ChunkedGPT
 from locallearn.errors import ConfigError
 from locallearn.train import instantiate, make_net
@@ -158,19 +160,27 @@ def extract(net: ChunkedGPT, stream: np.ndarray, positions: np.ndarray, batch_si
     return out
 
 
-def cached_features(run: TrainedRun, key: str, stream: np.ndarray, positions: np.ndarray, **kwargs):
-    """:func:`extract`, cached under ``<run dir>/probe_features/`` keyed by the model, the inputs and ``key``."""
+def run_cache_dir(cache_dir, run_dir) -> Path:
+    """Where the features of a run directory are cached: named after it, keyed by its absolute path."""
+    run_dir = Path(run_dir).resolve()
+    return Path(cache_dir) / f"{run_dir.name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]}"
+
+
+def cached_features(run: TrainedRun, key: str, stream: np.ndarray, positions: np.ndarray, cache_dir, **kwargs):
+    """:func:`extract`, cached in :func:`run_cache_dir` and keyed by the run's config, its checkpoint (name,
+    size, modification time), the inputs and ``key``; stored as float16 and written atomically."""
     digest = hashlib.sha1()
-    digest.update(stream.tobytes())
-    digest.update(positions.tobytes())
+    for part in (stream.tobytes(), positions.tobytes(), (run.dir / "config.yaml").read_bytes()):
+        digest.update(part)
     if run.ckpt is not None:
         st = run.ckpt.stat()
         digest.update(f"{run.ckpt.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    path = run.dir / "probe_features" / f"{key}{'' if run.ckpt else '_random-init'}_{digest.hexdigest()[:12]}.npz"
+    name = f"{key}{'' if run.ckpt else '_random-init'}_{digest.hexdigest()[:12]}.npz"
+    path = run_cache_dir(cache_dir, run.dir) / name
     if path.is_file():
         with np.load(path) as f:
             return {k: f[k].astype(np.float32) for k in f.files}
-    feats = extract(run.net, stream, positions, **kwargs)
-    path.parent.mkdir(exist_ok=True)
-    np.savez(path, **{k: v.astype(np.float16) for k, v in feats.items()})
-    return {k: v.astype(np.float16).astype(np.float32) for k, v in feats.items()}
+    feats = {k: v.astype(np.float16) for k, v in extract(run.net, stream, positions, **kwargs).items()}
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **feats)
+    return {k: v.astype(np.float32) for k, v in feats.items()}

@@ -4,14 +4,16 @@ from pathlib import Path
 
 import matplotlib
 
+from locallearn.atomic import save_figure
+
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _by_depth(rows, run, key):
-    """Trunk layers (embed, blocks) of one run: depths and values; heads separately."""
-    sub = [r for r in rows if r["run"] == run and r["split"] == "test" and r.get(key) is not None]
+def _by_depth(rows, label, key):
+    """Trunk layers (embed, blocks) of one model: depths and values; heads separately."""
+    sub = [r for r in rows if r["label"] == label and r["split"] == "test" and r.get(key) is not None]
     trunk = sorted((r["depth"], r[key]) for r in sub if not r["layer"].startswith("head"))
     heads = sorted((r["depth"], r[key]) for r in sub if r["layer"].startswith("head"))
     return trunk, heads
@@ -21,7 +23,7 @@ def _depth_plot(rows, models, key, ylabel, title, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, model in enumerate(models):
         color = f"C{i}"
-        trunk, heads = _by_depth(rows, model.run.name, key)
+        trunk, heads = _by_depth(rows, model.label, key)
         if not trunk:
             continue
         style = ":" if model.run.ckpt is None else "-"
@@ -37,13 +39,14 @@ def _depth_plot(rows, models, key, ylabel, title, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
 
-def _heatmap(label, ref_label, matrix, path: Path) -> Path:
-    (rows, cols), values = matrix
+def _heatmap(label, ref_label, values, nulls, path: Path) -> Path:
+    rows = list(dict.fromkeys(a for a, _ in values))
+    cols = list(dict.fromkeys(b for _, b in values))
     grid = np.array([[values[(a, b)] for b in cols] for a in rows])
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(cols), 1.0 + 0.5 * len(rows)))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
@@ -53,10 +56,11 @@ def _heatmap(label, ref_label, matrix, path: Path) -> Path:
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
     ax.set_xlabel(ref_label)
     ax.set_ylabel(label)
-    ax.set_title(f"CKA: {label} vs {ref_label}", fontsize=9)
+    null = np.nanmax(np.abs(list(nulls.values())))
+    ax.set_title(f"CKA: {label} vs {ref_label}\nshuffled-pairing null: |CKA| <= {null:.2f}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -65,8 +69,8 @@ def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "=.-" else "_" for ch in label).strip("_")
 
 
-def plot_all(rows, models, cka_of, ref_label, task: str, out_dir: Path) -> dict[str, Path]:
-    """Write the figures into ``out_dir``; return {tag: path}."""
+def plot_all(rows, models, cka_of, task: str, out_dir: Path) -> dict[str, Path]:
+    """Write the figures into ``out_dir``; return {tag: path}. ``cka_of``: {label: (values, nulls)}."""
     figures = {
         "accuracy": _depth_plot(rows, models, "accuracy", f"{task} probe accuracy (test)",
                                 f"{task}: probe accuracy by depth", out_dir / "accuracy_vs_depth.png"),
@@ -74,7 +78,9 @@ def plot_all(rows, models, cka_of, ref_label, task: str, out_dir: Path) -> dict[
     if any(r.get("selectivity") is not None for r in rows):
         figures["selectivity"] = _depth_plot(rows, models, "selectivity", "selectivity (task - control accuracy)",
                                              f"{task}: selectivity by depth", out_dir / "selectivity_vs_depth.png")
-    for label, matrix in cka_of.items():
-        if label != ref_label:
-            figures[f"cka/{label}"] = _heatmap(label, ref_label, matrix, out_dir / f"cka_{_slug(label)}.png")
+    for model in models:
+        if model.label in cka_of and model.reference is not model:
+            values, nulls = cka_of[model.label]
+            figures[f"cka/{model.label}"] = _heatmap(model.label, model.reference.label, values, nulls,
+                                                     out_dir / f"cka_{_slug(model.label)}.png")
     return figures

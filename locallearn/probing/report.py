@@ -1,141 +1,50 @@
-"""The probe analysis of one run or a multirun: probes per layer, CKA against end-to-end, CSV, plots, summary.
+"""The probe analysis of one run or a multirun: probes per layer, CKA against the same-seed end-to-end run,
+CSV, plots, summary.
 
 :func:`probe_runs` takes the composed ``conf/probing.yaml`` config; ``analysis/probe.py`` is its command line.
-Every input is checked (run directories, checkpoints, task against each run's data, the end-to-end
-reference CKA needs) before any feature is extracted.
+Every input is checked (options, run directories, checkpoints, the task against the data of every run and of
+the reference, the reference of every run CKA needs, output paths outside every run) before any feature is
+extracted. Results go to ``out_dir`` and hidden states to ``cache_dir``: no run directory is written.
 """
 
 import csv
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from statistics import mean, stdev
 
 import numpy as np
-import yaml
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from locallearn.errors import ConfigError
-from locallearn.probing.cka import CKA
-from locallearn.probing.features import (
-    TrainedRun,
-    cached_features,
-    encode_text,
-    layer_chunk,
-    layer_depth,
-    layer_names,
-    load_run,
-)
+from locallearn.atomic import atomic_open, write_text
+from locallearn.checks import PROBING, check_config
+from locallearn.probing.cka import cka_matrix
+from locallearn.probing.features import cached_features, encode_text, layer_chunk, layer_depth, layer_names, load_run
 from locallearn.probing.plots import plot_all
 from locallearn.probing.probes import run_probe
-from locallearn.probing.tasks import EWT_TASKS, SYNTHETIC_TASKS, ProbeTask, ewt_task, synthetic_task
+from locallearn.probing.runs import (
+    Model,
+    check_outside_runs,
+    check_reference,
+    check_task,
+    find_runs,
+    make_model,
+    pair_references,
+    seed_groups,
+    unique_labels,
+)
+from locallearn.probing.tasks import EWT_TASKS, ProbeTask, ewt_task, synthetic_task
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["run", "overrides", "chunks", "variant", "layer", "depth", "chunk", "task", "probe", "split", "accuracy",
-           "control_accuracy", "selectivity", "cka_same_depth", "strength", "converged", "words"]
+COLUMNS = ["run", "label", "overrides", "seed", "chunks", "variant", "layer", "depth", "chunk", "task", "lexical",
+           "probe", "split", "accuracy", "control_accuracy", "selectivity", "cka_same_depth", "cka_null", "reference",
+           "strength", "converged", "words"]
+CKA_COLUMNS = ["run", "reference", "layer", "reference_layer", "cka", "cka_null"]
 
 
-@dataclass
-class Model:
-    """A probed model: a trained run or the random-init baseline, with what the tables call it."""
-
-    run: TrainedRun
-    label: str  # "K=4 chunked", "end-to-end", "random init"
-    overrides: str
-    chunks: int
-    variant: str
-
-
-def find_runs(path) -> list[Path]:
-    """A run directory itself, or the run directories inside a multirun directory (in job order)."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"runs={path} is not a directory; pass a run or multirun directory.")
-    if (path / "config.yaml").is_file():
-        return [path]
-    runs = sorted((p for p in path.iterdir() if (p / "config.yaml").is_file()), key=_job_order)
-    if not runs:
-        raise ConfigError(f"runs={path} holds no run (no config.yaml in it or its subdirectories); pass a run "
-                          f"directory or a multirun directory.")
-    return runs
-
-
-def _job_order(p: Path):
-    head = p.name.split("_", 1)[0]
-    return (int(head), p.name) if head.isdigit() else (1 << 30, p.name)
-
-
-def variant_of(cfg) -> str:
-    """A short name for how a run trains: "end-to-end", or the local-learning settings that differ from the defaults."""
-    if cfg.chunks == 1 and not cfg.get("overlap"):
-        return "end-to-end"
-    parts = ["greedy" if cfg.chunking.get("greedy") else "chunked"]
-    if cfg.get("overlap"):
-        parts.append(f"overlap={cfg.overlap}")
-    head = str(cfg.head.get("_target_", "")).rsplit(".", 1)[-1].replace("Head", "").lower()
-    if head and head != "linear":
-        parts.append(f"head={head}")
-    objective = instantiate(cfg.objective).name
-    if objective != "clm":
-        parts.append(f"objective={objective}")
-    if cfg.get("switch") and cfg.switch.get("at") is not None:
-        parts.append(f"switch.at={cfg.switch.at}")
-    return " ".join(parts)
-
-
-def _overrides(run_dir: Path) -> str:
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return ""
-    items = yaml.safe_load(path.read_text()) or []
-    return " ".join(o for o in items if not o.startswith(("trainer.enable_progress_bar", "paths.")))
-
-
-def _model(run: TrainedRun) -> Model:
-    if run.ckpt is None:
-        return Model(run, "random init", "", int(run.cfg.chunks), "random init")
-    variant = variant_of(run.cfg)
-    label = variant if variant == "end-to-end" else f"K={run.cfg.chunks} {variant}"
-    return Model(run, label, _overrides(run.dir), int(run.cfg.chunks), variant)
-
-
-def _data_name(run: TrainedRun) -> str:
-    return str(run.cfg.data.get("_target_", "")).rsplit(".", 1)[-1]
-
-
-def _check_task(cfg: DictConfig, runs: list[TrainedRun]) -> None:
-    if cfg.task not in EWT_TASKS + SYNTHETIC_TASKS:
-        raise ConfigError(f"task={cfg.task} is unknown; use one of {', '.join(EWT_TASKS + SYNTHETIC_TASKS)}.")
-    for run in runs:
-        synthetic = _data_name(run) == "SyntheticDataModule"
-        if cfg.task in SYNTHETIC_TASKS and not synthetic:
-            raise ConfigError(f"task={cfg.task} needs runs trained on data=synthetic, but {run.dir} was trained on "
-                              f"{_data_name(run)}; use task=upos or task=deprel for character-level runs.")
-        if cfg.task in EWT_TASKS and synthetic:
-            raise ConfigError(f"task={cfg.task} reads UD EWT characters, but {run.dir} was trained on the synthetic "
-                              f"language's words; use task=category or task=depth for it.")
-    seeds = {int(r.cfg.data.corpus_seed) for r in runs if _data_name(r) == "SyntheticDataModule"}
-    if len(seeds) > 1:
-        raise ConfigError(f"the runs use different grammars (data.corpus_seed={sorted(seeds)}); probe runs of one "
-                          f"grammar at a time.")
-
-
-def _reference(cfg: DictConfig, runs: list[TrainedRun]) -> TrainedRun | None:
-    if cfg.reference:
-        ref = load_run(cfg.reference)
-        if int(ref.cfg.chunks) != 1:
-            raise ConfigError(f"reference={cfg.reference} was trained with chunks={ref.cfg.chunks}; the CKA reference "
-                              f"must be an end-to-end run (chunks=1).")
-        return ref
-    e2e = [r for r in runs if int(r.cfg.chunks) == 1]
-    if not e2e and cfg.cka:
-        raise ConfigError(f"runs={cfg.runs} holds no end-to-end run (chunks=1) to compare against with CKA; pass "
-                          f"reference=<an end-to-end run dir> or cka=null.")
-    return e2e[0] if e2e else None
-
-
-def _task(cfg: DictConfig, runs: list[TrainedRun]) -> ProbeTask:
+def _task(cfg: DictConfig, runs) -> ProbeTask:
     if cfg.task in EWT_TASKS:
         caps = {"train": cfg.max_train_words, "dev": cfg.max_eval_words, "test": cfg.max_eval_words}
         return ewt_task(cfg.task, cfg.ewt_path, caps, seed=cfg.seed)
@@ -153,74 +62,89 @@ def _features(model: Model, task: ProbeTask, cfg: DictConfig) -> tuple[dict, int
             unknown += n_unknown
         else:
             stream = data.tokens
-        key = f"{task.source}_{split}"
-        feats[split] = cached_features(model.run, key, stream, data.positions, batch_size=cfg.batch_size,
-                                       device=cfg.device)
+        feats[split] = cached_features(model.run, f"{task.source}_{split}", stream, data.positions, cfg.cache_dir,
+                                       batch_size=cfg.batch_size, device=cfg.device)
     return feats, unknown
+
+
+def _models(cfg: DictConfig, out_dir: Path) -> list[Model]:
+    """The probed models, each with its CKA reference: every check that needs no features happens here."""
+    check_config(cfg, PROBING)  # every option in its range before any run is read
+    runs = [load_run(d, device=cfg.device) for d in find_runs(cfg.runs)]  # fails now on a missing checkpoint
+    forced = load_run(cfg.reference, device=cfg.device) if cfg.reference else None
+    loaded = runs + ([forced] if forced else [])
+    check_task(cfg.task, loaded)
+    if forced is not None:
+        check_reference(cfg, forced, runs)
+    check_outside_runs({"hydra.run.dir": out_dir, "cache_dir": Path(cfg.cache_dir)}, loaded)
+    models = [make_model(r) for r in runs]
+    ref = None
+    if forced is not None:
+        ref = next((m for m in models if m.run.dir.resolve() == forced.dir.resolve()), None)
+        if ref is None:
+            ref = make_model(forced)
+            models.insert(0, ref)
+    if cfg.baselines:  # a random init of every end-to-end run's config (the seed's weights before training)
+        bases = [m.run for m in models if m.trained and m.chunks == 1] or runs[:1]
+        models += [make_model(load_run(b.dir, random_init=True, device=cfg.device)) for b in bases]
+    if cfg.cka:
+        pair_references(models, ref, cfg.runs)
+    unique_labels(models)
+    return models
 
 
 def probe_runs(cfg: DictConfig, out_dir) -> list[dict]:
     """Probe every run of ``cfg.runs`` (and the baselines), write the outputs into ``out_dir``, return the CSV rows."""
     out_dir = Path(out_dir)
-    run_dirs = find_runs(cfg.runs)
-    runs = [load_run(d, device=cfg.device) for d in run_dirs]  # fails now on a missing checkpoint
-    _check_task(cfg, runs)
-    ref = _reference(cfg, runs)
-    if cfg.cka and cfg.cka not in CKA:
-        raise ConfigError(f"cka={cfg.cka} is unknown; use one of {', '.join(CKA)}, or null to skip CKA.")
+    models = _models(cfg, out_dir)
     probe = instantiate(cfg.probe)
-    task = _task(cfg, runs)
+    task = _task(cfg, [m.run for m in models])
     log.info("task %s: %s words in probe-train / dev / test", task.name,
              " / ".join(f"{len(s.labels):,}" for s in task.splits.values()))
-
-    models = [_model(r) for r in runs]
-    if ref is not None and all(r.dir != ref.dir for r in runs):
-        models.insert(0, _model(ref))
-    if cfg.baselines:
-        base = ref or runs[0]
-        models.append(_model(load_run(base.dir, random_init=True, device=cfg.device)))
-    seen: dict[str, int] = {}
-    for model in models:
-        seen[model.label] = seen.get(model.label, 0) + 1
-    for model in models:  # runs that differ only in seed: tell them apart by directory
-        if seen[model.label] > 1:
-            model.label += f" [{model.run.dir.name}]"
     labels = {s: d.labels for s, d in task.splits.items()}
     control = task.control_labels(cfg.seed) if cfg.control else None
 
-    rows, feats_of, unknown_of, cka_of = [], {}, {}, {}
+    feats_of, unknown_of, cka_of = {}, {}, {}
     for model in models:
         feats_of[model.label], unknown_of[model.label] = _features(model, task, cfg)
-    ref_label = next((m.label for m in models if ref is not None and m.run.dir == ref.dir and m.run.ckpt), None)
+    for model in models:
+        if model.reference is not None:
+            first = {k: v[:cfg.cka_words] for k, v in feats_of[model.label]["test"].items()}
+            ref = {k: v[:cfg.cka_words] for k, v in feats_of[model.reference.label]["test"].items()}
+            cka_of[model.label] = cka_matrix(first, ref, cfg.cka, cfg.cka_permutations, seed=cfg.seed)
+
+    rows = []
     for model in models:
         feats = feats_of[model.label]
-        if ref_label is not None and cfg.cka:
-            cka_of[model.label] = _cka_matrix(feats["test"], feats_of[ref_label]["test"], cfg)
         for layer in layer_names(model.run.net):
             result = run_probe(probe, {s: f[layer] for s, f in feats.items()}, labels, control, seed=cfg.seed)
             depth = layer_depth(model.run.net, layer)
-            same = None  # heads have no counterpart in the end-to-end model's trunk
+            same = null = None  # heads have no counterpart in the end-to-end model's trunk
             if model.label in cka_of and not layer.startswith("head"):
-                same = cka_of[model.label][1].get((layer, _ref_layer(depth)))
-            base = dict(run=model.run.name, overrides=model.overrides, chunks=model.chunks, variant=model.variant,
-                        layer=layer, depth=depth, chunk=layer_chunk(model.run.net, layer), task=task.name,
-                        probe=type(probe).__name__, strength=result.strength, converged=result.converged)
+                values, nulls = cka_of[model.label]
+                same, null = values.get((layer, _ref_layer(depth))), nulls.get((layer, _ref_layer(depth)))
+            base = dict(run=model.run.name, label=model.label, overrides=model.overrides, seed=model.seed,
+                        chunks=model.chunks, variant=model.variant, layer=layer, depth=depth,
+                        chunk=layer_chunk(model.run.net, layer), task=task.name, lexical=task.lexical,
+                        probe=type(probe).__name__, reference=model.reference and model.reference.label,
+                        strength=result.strength, converged=result.converged)
             rows.append(base | dict(split="test", accuracy=result.accuracy, control_accuracy=result.control_accuracy,
-                                    selectivity=result.selectivity, cka_same_depth=same,
+                                    selectivity=result.selectivity, cka_same_depth=same, cka_null=null,
                                     words=len(labels["test"])))
             rows.append(base | dict(split="dev", accuracy=result.dev_accuracy, words=len(labels["dev"])))
-            log.info("%-22s %-7s acc %.3f  control %s  selectivity %s", model.label, layer, result.accuracy,
-                     _fmt(result.control_accuracy), _fmt(result.selectivity))
+            log.info("%-22s %-7s acc %.3f  control %s  selectivity %s  CKA %s", model.label, layer, result.accuracy,
+                     _fmt(result.control_accuracy), _fmt(result.selectivity), _cka_text(same, null))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(out_dir / "probes.csv", rows, COLUMNS)
-    cka_rows = [dict(run=label, layer=a, reference_layer=b, cka=v) for label, (_, m) in cka_of.items()
-                for (a, b), v in m.items()]
+    refs = {m.label: m.reference.label for m in models if m.reference is not None}
+    cka_rows = [dict(run=label, reference=refs[label], layer=a, reference_layer=b, cka=v, cka_null=nulls[a, b])
+                for label, (values, nulls) in cka_of.items() for (a, b), v in values.items()]
     if cka_rows:
-        _write_csv(out_dir / "cka.csv", cka_rows, ["run", "layer", "reference_layer", "cka"])
-    figures = plot_all(rows, models, cka_of, ref_label, task.name, out_dir)
-    summary = _summary(cfg, task, models, rows, unknown_of, ref_label, figures)
-    (out_dir / "summary.md").write_text(summary, encoding="utf-8")
+        _write_csv(out_dir / "cka.csv", cka_rows, CKA_COLUMNS)
+    figures = plot_all(rows, models, cka_of, task.name, out_dir)
+    summary = _summary(cfg, task, models, rows, unknown_of, figures)
+    write_text(out_dir / "summary.md", summary)
     _tensorboard(out_dir / "tb", figures, summary)
     return rows
 
@@ -229,52 +153,89 @@ def _ref_layer(depth: int) -> str:
     return "embed" if depth == 0 else f"block{depth}"
 
 
-def _cka_matrix(x: dict, y: dict, cfg: DictConfig):
-    """CKA of every layer of ``x`` against every layer of ``y`` on the first ``cka_words`` test words."""
-    fn, n = CKA[cfg.cka], cfg.cka_words
-    rows, cols = list(x), list(y)
-    m = {(a, b): fn(x[a][:n], y[b][:n]) for a in rows for b in cols}
-    return (rows, cols), m
-
-
 def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.3f}"
+    return "-" if v is None else f"{v:.3f}".replace("-0.000", "0.000")
+
+
+def _cka_text(value, null) -> str:
+    return "-" if value is None else f"{_fmt(value)} (null {_fmt(null)})"
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    with path.open("w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
 
 
-def _summary(cfg, task: ProbeTask, models: list[Model], rows, unknown_of, ref_label, figures) -> str:
+def _summary(cfg, task: ProbeTask, models: list[Model], rows, unknown_of, figures) -> str:
     test = task.splits["test"].labels
     majority = np.bincount(test, minlength=len(task.classes)).max() / len(test)
-    lines = [f"# Probes: {task.name} ({len(task.classes)} classes)", "",
-             f"Runs: `{cfg.runs}`. Probe: `{type(instantiate(cfg.probe)).__name__}` "
-             f"({', '.join(f'{k}={v}' for k, v in asdict(instantiate(cfg.probe)).items())}), selected on probe-dev, "
-             f"reported on probe-test ({len(task.splits['test'].labels):,} words; majority class "
-             f"{majority:.3f}). Selectivity = accuracy - control-task accuracy (Hewitt & Liang 2019)."
-             + (f" CKA ({cfg.cka}) against `{ref_label}` at the same depth, on {cfg.cka_words} test words."
-                if ref_label and cfg.cka else ""), ""]
+    ambiguous, types = task.ambiguous_types()
+    probe = instantiate(cfg.probe)
+    lines = [f"# Probes: {task.name} ({len(task.classes)} classes)" + (" - lexical control" if task.lexical else ""),
+             "", f"Runs: `{cfg.runs}`. Probe: `{type(probe).__name__}` "
+             f"({', '.join(f'{k}={v}' for k, v in asdict(probe).items())}), selected on probe-dev, reported on "
+             f"probe-test ({len(test):,} words; majority class {majority:.3f}). Selectivity = accuracy - control-task "
+             f"accuracy (Hewitt & Liang 2019).", ""]
+    if cfg.cka:
+        lines += [f"CKA ({cfg.cka} HSIC estimator) of each layer against the same depth of its reference (the "
+                  f"end-to-end run of the same seed and settings, or `reference=`), on the first {cfg.cka_words} "
+                  f"test words; in parentheses its null: the same two feature sets with the words' pairing "
+                  f"shuffled (mean of {cfg.cka_permutations} seeded permutations).", ""]
+    lines.append(f"{ambiguous} of {types} word types of probe-train carry more than one label."
+                 + (f" `{task.name}` is a function of the word type: a lexical control, which measures the "
+                    f"embedding and not what training learned about structure." if task.lexical else ""))
+    lines.append("")
     for model in models:
-        sub = [r for r in rows if r["run"] == model.run.name and r["split"] == "test"]
-        lines += [f"## {model.label}: `{model.run.dir}`" + (f" ({model.overrides})" if model.overrides else ""), "",
-                  "| layer | depth | chunk | accuracy | control | selectivity | CKA vs e2e |",
+        lines += [f"## {model.label}: `{model.run.dir}`" + (f" ({model.overrides})" if model.overrides else ""), ""]
+        if model.reference is not None and model.reference is not model:
+            lines += [f"CKA reference: {model.reference.label}.", ""]
+        lines += ["| layer | depth | chunk | accuracy | control | selectivity | CKA vs e2e (null) |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
-        for r in sub:
+        for r in (r for r in rows if r["label"] == model.label and r["split"] == "test"):
             flag = "" if r["converged"] else " *"
             lines.append(f"| {r['layer']} | {r['depth']} | {r['chunk']} | {r['accuracy']:.3f}{flag} | "
-                         f"{_fmt(r['control_accuracy'])} | {_fmt(r['selectivity'])} | {_fmt(r['cka_same_depth'])} |")
+                         f"{_fmt(r['control_accuracy'])} | {_fmt(r['selectivity'])} | "
+                         f"{_cka_text(r['cka_same_depth'], r['cka_null'])} |")
         if unknown_of.get(model.label):
             lines.append(f"\n{unknown_of[model.label]:,} characters outside this run's vocabulary were read as spaces.")
         lines.append("")
+    lines += _seed_tables(models, rows)
     if any(not r["converged"] for r in rows):
         lines.append("\\* the probe hit its iteration limit (raise `probe.max_iter`).\n")
     lines += ["Figures: " + ", ".join(f"`{p.name}`" for p in figures.values()), ""]
     return "\n".join(lines)
+
+
+def _pm(values: list) -> str:
+    """mean ± std over seeds (sample std), or - where a value is missing."""
+    if not values or any(v is None for v in values):
+        return "-"
+    return f"{_fmt(mean(values))} ± {stdev(values):.3f}"
+
+
+def _seed_tables(models: list[Model], rows) -> list[str]:
+    """Per group of runs that differ only in their seed: per layer, mean ± std over the seeds."""
+    lines = []
+    for group in seed_groups(models):
+        name = group[0].label.split(" [")[0]
+        settings = " ".join(o for o in group[0].overrides.split() if not o.startswith("seed="))
+        seeds = ", ".join(str(m.seed) for m in group)
+        lines += [f"## {name} over seeds {seeds}" + (f" ({settings})" if settings else ""), "",
+                  f"Mean ± std over {len(group)} seeds; runs: " + ", ".join(f"`{m.run.dir.name}`" for m in group)
+                  + ".", "", "| layer | depth | chunk | accuracy | selectivity | CKA vs e2e (null) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        test = {(r["label"], r["layer"]): r for r in rows if r["split"] == "test"}
+        for layer in layer_names(group[0].run.net):
+            per = [test[m.label, layer] for m in group]
+            cka = _pm([r["cka_same_depth"] for r in per])
+            null = _pm([r["cka_null"] for r in per])
+            lines.append(f"| {layer} | {per[0]['depth']} | {per[0]['chunk']} | {_pm([r['accuracy'] for r in per])} | "
+                         f"{_pm([r['selectivity'] for r in per])} | {cka if cka == '-' else f'{cka} (null {null})'} |")
+        lines.append("")
+    return lines
 
 
 def _tensorboard(tb_dir: Path, figures: dict, summary: str) -> None:

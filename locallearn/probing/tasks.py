@@ -2,7 +2,12 @@
 
 * UD EWT (``upos``, ``deprel``): sentences of the CoNLL-U files joined exactly as ``data=ewt`` joins
   them for training; a word is read at its last character.
-* synthetic (``category``, ``depth``): the grammar's latent labels, every token a word.
+* synthetic, every token a word (see :class:`locallearn.data.synthetic.Corpus` for the definitions):
+  ``agreement`` (the number, sg / pl, that the verb of the token's clause agrees with), ``role``
+  (nouns only: subject, object or prepositional object) and ``depth`` (nesting depth) depend on the
+  token's context: most token ids carry several labels. ``category`` (the word class) is a function of
+  the token id, so a probe of it reads the embedding, not learned structure: it is kept as a
+  *lexical control* only, and says so wherever it is reported.
 
 A control task (Hewitt & Liang 2019) gives every word type a fixed random label drawn from the task's
 label distribution: a probe that scores well on it memorizes word identity instead of reading syntax.
@@ -16,11 +21,12 @@ import numpy as np
 
 from locallearn.data.conllu import UPOS, read_conllu
 from locallearn.data.ewt import ewt_file, join_sentences
-from locallearn.data.synthetic import CATEGORIES, Grammar
+from locallearn.data.synthetic import CATEGORIES, NUMBERS, ROLES, Grammar
 from locallearn.errors import ConfigError
 
 EWT_TASKS = ("upos", "deprel")
-SYNTHETIC_TASKS = ("category", "depth")
+SYNTHETIC_TASKS = ("agreement", "role", "depth", "category")
+LEXICAL_TASKS = ("category",)  # labels that are a function of the token id: controls, not structure
 SPLITS = ("train", "dev", "test")
 
 
@@ -41,6 +47,19 @@ class ProbeTask:
     source: str  # "ewt" or "synthetic": which streams the task reads
     classes: list[str]
     splits: dict[str, Split]
+
+    @property
+    def lexical(self) -> bool:
+        """Whether the label is a function of the word type by definition (a lexical control)."""
+        return self.name in LEXICAL_TASKS
+
+    def ambiguous_types(self, split: str = "train") -> tuple[int, int]:
+        """Word types of ``split`` that carry more than one label, and all its word types."""
+        data = self.splits[split]
+        seen: dict[str, set] = {}
+        for t, y in zip(data.types, data.labels.tolist()):
+            seen.setdefault(t, set()).add(y)
+        return sum(len(v) > 1 for v in seen.values()), len(seen)
 
     def control_labels(self, seed: int) -> dict[str, np.ndarray]:
         """Per split, the control label of each word: one draw per word type from the train labels' distribution."""
@@ -86,17 +105,30 @@ def ewt_task(name: str, root, max_words: dict[str, int | None], seed: int = 0) -
 
 
 def synthetic_task(name: str, corpus_seed: int, words: dict[str, int]) -> ProbeTask:
-    """``category`` or ``depth`` on fresh corpora of the run's grammar (streams the run never trained on)."""
+    """A synthetic task on fresh corpora of the run's grammar (streams the run never trained on).
+
+    ``words[split]`` is the length of the split's token stream; ``role`` probes the nouns in it.
+    """
     if name not in SYNTHETIC_TASKS:
         raise ConfigError(f"task={name} is not a synthetic-language task; use one of {', '.join(SYNTHETIC_TASKS)}.")
     grammar = Grammar(corpus_seed)
     splits = {}
     for i, split in enumerate(SPLITS):
         corpus = grammar.corpus(words[split], seed=corpus_seed * 2 + 10 + i)  # training uses *2+1, *2+2
-        labels = (corpus.category if name == "category" else corpus.depth.clamp(max=grammar.max_depth)).numpy()
         tokens = corpus.tokens.numpy()
-        splits[split] = Split(None, tokens, np.arange(len(tokens)), labels, [grammar.vocab[t] for t in tokens])
-    classes = list(CATEGORIES) if name == "category" else [str(d) for d in range(grammar.max_depth + 1)]
+        positions = np.arange(len(tokens))
+        if name == "agreement":
+            labels = corpus.agreement.numpy() - 1  # sg, pl: every token has one
+        elif name == "role":
+            positions = np.flatnonzero(corpus.role.numpy())
+            labels = corpus.role.numpy()[positions] - 1
+        elif name == "depth":
+            labels = corpus.depth.clamp(max=grammar.max_depth).numpy()
+        else:
+            labels = corpus.category.numpy()
+        splits[split] = Split(None, tokens, positions, labels, [grammar.vocab[t] for t in tokens[positions]])
+    classes = {"agreement": list(NUMBERS[1:]), "role": list(ROLES[1:]), "category": list(CATEGORIES),
+               "depth": [str(d) for d in range(grammar.max_depth + 1)]}[name]
     return ProbeTask(name, "synthetic", classes, splits)
 
 

@@ -1,0 +1,215 @@
+"""Run directories: every run gets its own, and only the run that owns a directory writes into it.
+
+* A new run (``python run.py ...``) or sweep (``-m``) gets a fresh directory, created with an exclusive
+  ``os.mkdir``: two runs started in the same second with the same overrides get ``<name>`` and
+  ``<name>_2``, never one directory between them.
+* ``hydra.run.dir=<dir>`` (or ``hydra.sweep.dir=``) names the directory yourself; it must not hold
+  anything yet.
+* ``resume=<run dir>`` continues a run in its own directory: its overrides are read back from
+  ``<run dir>/.hydra/overrides.yaml`` (overrides given after ``resume=`` win) and training continues from
+  ``checkpoints/last.ckpt``. It is accepted only as a continuation of that run (same :data:`IDENTITY`
+  settings); anything else is refused with one line before any file is touched.
+
+These checks run in :class:`RunDirectory`, a Hydra callback (conf/hydra/default.yaml) whose
+``on_run_start`` / ``on_multirun_start`` come before Hydra creates or writes anything. Hydra's own
+``.hydra/`` files are written by :func:`save_hydra_files` once a run's config has passed its checks
+(``hydra.output_subdir: null``), so a refused run writes nothing.
+"""
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, read_write
+
+from locallearn.atomic import write_text
+from locallearn.errors import ConfigError
+
+# What makes a run the run it is: a continuation (resume=) must keep all of these.
+IDENTITY = ("model", "data", "chunks", "chunking", "overlap", "head", "objective", "seed")
+# Overrides of the original run that a continuation replaces rather than repeats.
+_RESUME_KEYS = ("resume", "ckpt_path")
+
+
+def _refuse(message: str):
+    """One line on stderr and exit code 2, from inside Hydra (its ``run_and_report`` would print a traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _quote(value: str) -> str:
+    # Run directories are named after their overrides ("chunks=1,2"), which Hydra's grammar would parse.
+    return f"'{value}'" if "'" not in value else f'"{value}"'
+
+
+def expand_resume(overrides: list[str], multirun: bool = False) -> list[str]:
+    """Turn the overrides ``resume=<run dir> [...]`` into those that continue that run in place.
+
+    The run's own overrides come first (so later ones win), then the new ones, then its checkpoint and its
+    directory. Overrides without ``resume=`` are returned as they are.
+    """
+    argv = overrides
+    given = [a for a in argv if _key(a) == "resume" and "=" in a]
+    if not given:
+        return argv
+    value = given[-1].split("=", 1)[1].strip("'\"")
+    if value in ("", "null"):
+        return [a for a in argv if _key(a) != "resume"]
+    run_dir = Path(value).expanduser().resolve()
+    if multirun:
+        raise ConfigError(f"resume={value} continues one run, not a sweep; drop -m.")
+    for clash in ("ckpt_path", "hydra.run.dir"):
+        if any(_key(a) == clash for a in argv):
+            raise ConfigError(f"resume={value} sets {clash} itself (to that run's own); drop the {clash} override.")
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    if not (run_dir / "config.yaml").is_file() or not overrides.is_file():
+        raise ConfigError(f"resume={value} is not a run directory (no config.yaml and .hydra/overrides.yaml in it); "
+                          f"pass the directory of the run to continue.")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError(f"resume={value} has no checkpoints/last.ckpt (the run stopped before its first "
+                          f"validation), so there is nothing to continue; start it again as a new run.")
+    new = [a for a in argv if _key(a) != "resume"]
+    replaced = {_key(a) for a in new} | set(_RESUME_KEYS)
+    original = [o for o in (yaml.safe_load(overrides.read_text()) or []) if _key(o) not in replaced]
+    return [*original, *new, f"resume={_quote(str(run_dir))}", f"ckpt_path={_quote(str(last))}",
+            f"hydra.run.dir={_quote(str(run_dir))}"]
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, Mapping):
+        out = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def differences(have: Mapping, want: Mapping, keys=IDENTITY, ignore=()) -> list[str]:
+    """``key=value (the run has x)`` for every setting under ``keys`` (but not in ``ignore``) where ``want``
+    differs from ``have``."""
+    a = _flatten({k: have.get(k) for k in keys})
+    b = _flatten({k: want.get(k) for k in keys})
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in ignore:
+            continue
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            out.append(f"{key}={b.get(key, '<unset>')} (the run has {a.get(key, '<unset>')})")
+    return out
+
+
+def summarize(diffs: list[str], n: int = 4) -> str:
+    return ", ".join(diffs[:n]) + (f" and {len(diffs) - n} more" if len(diffs) > n else "")
+
+
+def claim_fresh(path: Path) -> Path:
+    """Create ``path`` (or ``path_2``, ``path_3`` ... if taken) exclusively and return it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = path, 1
+    while True:
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = path.with_name(f"{path.name}_{n}")
+
+
+def _explicit(config: DictConfig, key: str) -> bool:
+    return any(_key(o) == key for o in config.hydra.overrides.hydra)
+
+
+def _writable_error(path: Path, config: DictConfig, key: str, error: OSError) -> str:
+    reason = error.strerror or type(error).__name__
+    if not _explicit(config, key):
+        return (f"paths.log_dir={config.paths.log_dir} is not writable ({reason} for {error.filename or path}); "
+                f"point paths.log_dir at a directory you can write to.")
+    return f"{key}={path} cannot be created ({reason}); choose a directory you can write to."
+
+
+def _claim(config: DictConfig, key: str) -> Path:
+    """The run or sweep directory ``key`` names, created for this run alone (one line and exit 2 if it cannot be)."""
+    path = Path(str(OmegaConf.select(config, key))).expanduser()
+    try:
+        if not _explicit(config, key):
+            return claim_fresh(path)
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _refuse(_writable_error(path, config, key, e))
+    if any(path.iterdir()):
+        _refuse(f"{key}={path} already holds files (another run's outputs); a run writes only into a directory of "
+                f"its own, so drop {key} (each run gets a fresh one), pick an empty directory, or continue a run "
+                f"with resume=<its directory>.")
+    if not os.access(path, os.W_OK):
+        _refuse(_writable_error(path, config, key, PermissionError(13, "Permission denied", str(path))))
+    return path
+
+
+def _set(config: DictConfig, key: str, value: Path) -> None:
+    with read_write(config.hydra):
+        OmegaConf.update(config, key, str(value), merge=False)
+
+
+def _check_continuation(config: DictConfig) -> None:
+    run_dir = Path(str(config.hydra.run.dir))
+    saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+    now = {k: _plain(config[k]) for k in IDENTITY if k in config}
+    diffs = differences(saved, now)
+    if diffs:
+        _refuse(f"resume={run_dir} would change the run's own settings: {summarize(diffs)}; a continuation keeps "
+                f"{', '.join(IDENTITY)}, so drop those overrides or start a new run (without resume=).")
+    if not os.access(run_dir, os.W_OK):
+        _refuse(f"resume={run_dir} is not writable; continue it where you can write, or copy it first.")
+
+
+def _plain(node):
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _ddp_child(config: DictConfig) -> bool:
+    # Lightning relaunches the command once per extra DDP process, into rank 0's run directory.
+    return os.environ.get("LOCAL_RANK", "0") != "0" or str(config.hydra.job.name).startswith("train_ddp_process_")
+
+
+class RunDirectory(Callback):
+    """Hydra callback: claim a fresh run or sweep directory, or accept a continuation, before anything is written."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if _ddp_child(config):
+            return
+        if config.get("resume"):
+            _check_continuation(config)
+            return
+        path = _claim(config, "hydra.run.dir")
+        _set(config, "hydra.run.dir", path)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.get("resume"):
+            _refuse("resume= continues one run, not a sweep; drop -m.")
+        path = _claim(config, "hydra.sweep.dir")
+        _set(config, "hydra.sweep.dir", path)
+        # Every job's config is composed again from these overrides (Hydra's load_sweep_config): pin the directory.
+        with read_write(config.hydra):
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir={_quote(str(path))}")
+
+
+def save_hydra_files(cfg: DictConfig, output_dir) -> None:
+    """What Hydra would write to ``.hydra/`` (the composed config, Hydra's own, the overrides), atomically."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.instance().cfg
+    out = Path(output_dir) / ".hydra"
+    write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text(out / "hydra.yaml", OmegaConf.to_yaml(hydra_cfg))
+    write_text(out / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task))
+
