@@ -60,9 +60,11 @@ if __name__ == "__main__":
 
         worker_from_env()
         sys.exit(0)
-    try:  # before Hydra composes, so that an unknown option gets our one line, not Hydra's search path
-        sys.argv[1:] = prepare_command_line(sys.argv[1:], "config", PATH_KEYS, resume=True)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # Lightning starts every further data-parallel process with this process's command line, already prepared.
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        try:  # before Hydra composes, so that an unknown option gets our one line, not Hydra's search path
+            sys.argv[1:] = prepare_command_line(sys.argv[1:], "config", PATH_KEYS, resume=True)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     main()

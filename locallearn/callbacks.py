@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from locallearn import loss_plots
 from locallearn.atomic import write_json
+from locallearn.checkpoint import last_checkpoint
 from locallearn.curve_fit import fit_curves
 from locallearn.diagnostics import (
     Context,
@@ -226,7 +227,7 @@ class Diagnostics(L.Callback):
     def _diverge(self, trainer, chunk: int, step: int, evidence: str, split: str):
         self.diverged = divergence_finding(chunk, step, evidence, self._context(), split)
         # The step last.ckpt really holds (Checkpoints.last_step): the latest validation before this one.
-        ckpt = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "last_step", None) is not None), None)
+        ckpt = last_checkpoint(trainer)
         kept = (f"; the last good checkpoint is {ckpt.last_model_path} (step {ckpt.last_step})" if ckpt
                 else "; no checkpoint was saved before it")
         raise TrainingDiverged(f"chunk {chunk} diverged at step {step}: {evidence}; {self.diverged.cause}, so "

@@ -67,9 +67,14 @@ class Checkpoints(ModelCheckpoint):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
-        if (self.save_last and not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING
-                and self.last_step != trainer.global_step):
+        if (self.save_last and not trainer.sanity_checking and not trainer.fast_dev_run
+                and trainer.state.fn == TrainerFn.FITTING and self.last_step != trainer.global_step):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def last_checkpoint(trainer) -> Checkpoints | None:
+    """The trainer's :class:`Checkpoints` once it has a ``last.ckpt`` (its path and ``last_step``), else None."""
+    return next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "last_step", None) is not None), None)
 
 
 def read_checkpoint(path) -> dict:

@@ -59,7 +59,7 @@ class Number:
             return self.null
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return False
-        if self.integer and not (isinstance(value, int) or float(value).is_integer()):
+        if self.integer and not isinstance(value, int):  # 4.0 too: torch and range() want an int
             return False
         if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
             return False
@@ -83,7 +83,8 @@ class Number:
         if self.hi is not None:
             out.append(self.hi if self.hi_open else self.hi + 1)
         if self.integer:
-            out.append((self.lo if self.lo is not None else 0) + 1.5)
+            whole = self.lo if self.lo is not None else 0
+            out += [whole + 1.5, float(whole + 1)]  # a fraction, and a whole number written as a float
         if not self.null:
             out.append(None)
         return out
@@ -229,7 +230,7 @@ RUN: dict[str, Spec] = {
     "switch.at": Number(0, 1, lo_open=True, null=True, hint="a fraction of trainer.max_steps; null stays local"),
     "switch.aux_weight": Number(0),
     "switch.ewc_lambda": Number(0, hint="0 turns EWC off"),
-    "switch.fisher": Choice((True, "empirical"), hint="true samples the targets from the model (the Fisher "
+    "switch.fisher": Choice((True, "true", "empirical"), hint="true samples the targets from the model (the Fisher "
                             "information), empirical takes the data's"),
     "switch.fisher_batches": POS_INT,
     "ckpt_path": Existing("file", hint="pass the path of a .ckpt file, e.g. <run dir>/checkpoints/last.ckpt"),
@@ -376,6 +377,8 @@ def check_config(cfg: DictConfig, table: Mapping[str, Spec] = RUN) -> None:
     """Raise a one-sentence :class:`ConfigError` for the first value of ``cfg`` that its spec in ``table`` refuses
     (keys absent from ``cfg``, e.g. another schedule's settings, are skipped)."""
     for key, spec in table.items():
+        if isinstance(spec, Free):  # nothing to check: not even resolved (some interpolate Hydra's runtime)
+            continue
         parent, _, name = key.rpartition(".")
         node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
         if OmegaConf.is_dict(node) and name in node.keys() and OmegaConf.is_missing(node, name):

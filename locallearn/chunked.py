@@ -76,8 +76,9 @@ class ChunkedGPT(nn.Module):
         h = self.gpt.embed(x) if k == 0 else self._input(k, x)  # (B, T, C)
         nxt = self.plan[k + 1] if k + 1 < len(self.plan) else None
         keep = {nxt.cut, nxt.start} if nxt is not None else set()
-        # Only a training forward draws dropout masks, and only a local step recomputes the overlap.
-        replay = nxt is not None and nxt.cut < nxt.start and self.training and self.local
+        # Only a training forward with dropout draws masks, and only a local step recomputes the overlap.
+        replay = (nxt is not None and nxt.cut < nxt.start and self.training and self.local
+                  and self.gpt.config.dropout > 0)
         handoff = {chunk.start: h} if chunk.start in keep else {}  # an overlap that spans this whole chunk
         for i in chunk.layers:
             if replay and i == nxt.cut:

@@ -64,7 +64,7 @@ def collect(paths) -> list[RunRecord]:
         if not path.is_dir():
             raise ConfigError(f"{path} is not a directory; pass run or multirun directories.")
         dirs = [path] if _is_run(path) else sorted((p for p in path.iterdir() if p.is_dir() and _is_run(p)),
-                                                    key=_job_order)
+                                                    key=job_order)
         if not dirs:
             raise ConfigError(f"{path} holds no run (no summary.json or .hydra/ in it or in its subdirectories); "
                               f"pass a run directory or a multirun directory.")
@@ -72,7 +72,8 @@ def collect(paths) -> list[RunRecord]:
     return records
 
 
-def _job_order(p: Path):
+def job_order(p: Path):
+    """Sweep jobs in their order (``<num>_<overrides>``), then other directories by name."""
     head = p.name.split("_", 1)[0]
     return (int(head), p.name) if head.isdigit() else (1 << 30, p.name)
 

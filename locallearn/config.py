@@ -113,9 +113,10 @@ def check_overrides(argv: list[str], config_name: str = "config", conf_dir: Path
     cfg = _compose_quietly(config_name, choices, conf_dir)
     if cfg is None:  # let Hydra report whatever stops the composition
         return
-    known = [k for k in _paths(cfg) if not k.startswith("hydra") and not any(p.startswith("_") for p in k.split("."))]
+    every = set(_paths(cfg))  # read without resolving: some defaults interpolate Hydra's runtime
+    known = sorted(k for k in every if not k.startswith("hydra") and not any(p.startswith("_") for p in k.split(".")))
     for prefix, key, value, arg in settings:
-        exists = OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING or key in known
+        exists = key in every
         if prefix == "~" and exists and not key.startswith(_OPEN):
             raise ConfigError(f"{arg} would remove a setting the run needs; set it instead ({key}=...), or remove "
                               f"only callbacks, loggers or Trainer arguments with ~.")
@@ -139,8 +140,6 @@ def check_overrides(argv: list[str], config_name: str = "config", conf_dir: Path
         raise ConfigError(f"{arg} names no setting of the config; {hint} (python {_script(config_name)} --cfg job "
                           f"lists every setting).")
 
-
-_MISSING = object()
 
 
 def _script(config_name: str) -> str:
@@ -207,14 +206,18 @@ def prepare_command_line(argv: list[str], config_name: str = "config", path_keys
     return flags + overrides
 
 
+def quote(value: str) -> str:
+    """``value`` quoted for Hydra's override grammar (run directories carry "=" and "," in their names)."""
+    return f"'{value}'" if "'" not in value else f'"{value}"'
+
+
 def quote_values(argv: list[str], keys) -> list[str]:
-    """Quote the values of path-like ``keys``: run directories are named after their overrides
-    ("chunks=1,2"), and Hydra's override grammar would parse the "=" and "," in them."""
+    """Quote the values of path-like ``keys`` where Hydra's override grammar would parse them."""
     out = []
     for arg in argv:
         key, eq, value = arg.partition("=")
         if eq and key.lstrip("+") in keys and value and value[0] not in "'\"" and re.search(r"[=,\s\[\]{}()]", value):
-            arg = f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
+            arg = f"{key}={quote(value)}"
         out.append(arg)
     return out
 

@@ -217,9 +217,6 @@ class SpanMasking(MaskedLM):
     def prepare(self, batch, generator=None, rank: int = 0, world: int = 1) -> Prepared:
         x = batch[:, :-1].cpu()  # (B, T)
         B, T = x.shape
-        if T < 3:
-            raise ConfigError(f"objective={self.name} needs data.block_size >= 3 (a span and an unmasked token on "
-                              f"each side) but got data.block_size={T}; raise it or use objective=mlm.")
         # Spans are placed for the whole combined (world*B, T) batch; this rank keeps its own rows.
         left = torch.full((world * B, T), -1, dtype=torch.long)
         right, offset = left.clone(), torch.zeros(world * B, T, dtype=torch.long)

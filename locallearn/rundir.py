@@ -16,6 +16,7 @@ These checks run in :class:`RunDirectory`, a Hydra callback (conf/hydra/default.
 (``hydra.output_subdir: null``), so a refused run writes nothing.
 """
 
+import fcntl
 import os
 import sys
 from collections.abc import Mapping
@@ -26,10 +27,16 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from locallearn.atomic import write_text
+from locallearn.checks import LR_RANGE, PROBING, RUN, check_config
+from locallearn.config import quote
 from locallearn.errors import ConfigError
 
-# What makes a run the run it is: a continuation (resume=) must keep all of these.
-IDENTITY = ("model", "data", "chunks", "chunking", "overlap", "head", "objective", "seed")
+# What makes a run the run it is: a continuation (resume=) must keep all of these (whole groups, or single
+# keys: another optimizer or schedule could not take over the checkpoint's state).
+IDENTITY = ("model", "data", "chunks", "chunking", "overlap", "head", "objective", "seed", "optim._target_",
+            "schedule._target_")
+LOCK = ".lock"  # held (flock) by the process that runs in the directory, for as long as it lives
+_locks: dict[str, int] = {}  # directory -> the open file descriptor of its lock
 # Overrides of the original run that a continuation replaces rather than repeats.
 _RESUME_KEYS = ("resume", "ckpt_path")
 
@@ -42,11 +49,6 @@ def _refuse(message: str):
 
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
-
-
-def _quote(value: str) -> str:
-    # Run directories are named after their overrides ("chunks=1,2"), which Hydra's grammar would parse.
-    return f"'{value}'" if "'" not in value else f'"{value}"'
 
 
 def expand_resume(overrides: list[str], multirun: bool = False) -> list[str]:
@@ -79,29 +81,32 @@ def expand_resume(overrides: list[str], multirun: bool = False) -> list[str]:
     new = [a for a in argv if _key(a) != "resume"]
     replaced = {_key(a) for a in new} | set(_RESUME_KEYS)
     original = [o for o in (yaml.safe_load(overrides.read_text()) or []) if _key(o) not in replaced]
-    return [*original, *new, f"resume={_quote(str(run_dir))}", f"ckpt_path={_quote(str(last))}",
-            f"hydra.run.dir={_quote(str(run_dir))}"]
+    return [*original, *new, f"resume={quote(str(run_dir))}", f"ckpt_path={quote(str(last))}",
+            f"hydra.run.dir={quote(str(run_dir))}"]
 
 
-def _flatten(node, prefix: str = "") -> dict:
+def flatten(node, prefix: str = "") -> dict:
+    """A nested mapping as {dotted key: leaf}."""
     if isinstance(node, Mapping):
         out = {}
         for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: node}
 
 
+def _under(key: str, names) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in names)
+
+
 def differences(have: Mapping, want: Mapping, keys=IDENTITY, ignore=()) -> list[str]:
-    """``key=value (the run has x)`` for every setting under ``keys`` (but not in ``ignore``) where ``want``
-    differs from ``have``."""
-    a = _flatten({k: have.get(k) for k in keys})
-    b = _flatten({k: want.get(k) for k in keys})
+    """``key=value (the run has x)`` for every setting under ``keys`` (groups or dotted keys; not in ``ignore``)
+    where ``want`` differs from ``have``."""
+    a = {k: v for k, v in flatten(have).items() if _under(k, keys)}
+    b = {k: v for k, v in flatten(want).items() if _under(k, keys)}
     out = []
     for key in sorted(set(a) | set(b)):
-        if key in ignore:
-            continue
-        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+        if key not in ignore and a.get(key, "<unset>") != b.get(key, "<unset>"):
             out.append(f"{key}={b.get(key, '<unset>')} (the run has {a.get(key, '<unset>')})")
     return out
 
@@ -123,6 +128,22 @@ def claim_fresh(path: Path) -> Path:
             candidate = path.with_name(f"{path.name}_{n}")
 
 
+def lock(directory: Path) -> bool:
+    """Hold ``<directory>/.lock`` for the rest of this process (an exclusive ``flock``, which the system releases
+    when the process ends, however it ends); False if another live process holds it."""
+    key = str(Path(directory).resolve())
+    if key in _locks:
+        return True
+    fd = os.open(Path(directory) / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _locks[key] = fd
+    return True
+
+
 def _explicit(config: DictConfig, key: str) -> bool:
     return any(_key(o) == key for o in config.hydra.overrides.hydra)
 
@@ -140,16 +161,19 @@ def _claim(config: DictConfig, key: str) -> Path:
     path = Path(str(OmegaConf.select(config, key))).expanduser()
     try:
         if not _explicit(config, key):
-            return claim_fresh(path)
+            path = claim_fresh(path)
+            lock(path)
+            return path
         path.mkdir(parents=True, exist_ok=True)
+        if any(p.name != LOCK for p in path.iterdir()):
+            _refuse(f"{key}={path} already holds files (another run's outputs); a run writes only into a directory "
+                    f"of its own, so drop {key} (each run gets a fresh one), pick an empty directory, or continue "
+                    f"a run with resume=<its directory>.")
+        if not lock(path):
+            _refuse(f"{key}={path} is in use by a run started at the same time (it holds {LOCK}); pick another "
+                    f"directory.")
     except OSError as e:
         _refuse(_writable_error(path, config, key, e))
-    if any(path.iterdir()):
-        _refuse(f"{key}={path} already holds files (another run's outputs); a run writes only into a directory of "
-                f"its own, so drop {key} (each run gets a fresh one), pick an empty directory, or continue a run "
-                f"with resume=<its directory>.")
-    if not os.access(path, os.W_OK):
-        _refuse(_writable_error(path, config, key, PermissionError(13, "Permission denied", str(path))))
     return path
 
 
@@ -161,13 +185,16 @@ def _set(config: DictConfig, key: str, value: Path) -> None:
 def _check_continuation(config: DictConfig) -> None:
     run_dir = Path(str(config.hydra.run.dir))
     saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
-    now = {k: _plain(config[k]) for k in IDENTITY if k in config}
+    now = {k: _plain(config[k]) for k in {key.split(".")[0] for key in IDENTITY} if k in config}
     diffs = differences(saved, now)
     if diffs:
         _refuse(f"resume={run_dir} would change the run's own settings: {summarize(diffs)}; a continuation keeps "
                 f"{', '.join(IDENTITY)}, so drop those overrides or start a new run (without resume=).")
     if not os.access(run_dir, os.W_OK):
         _refuse(f"resume={run_dir} is not writable; continue it where you can write, or copy it first.")
+    if not lock(run_dir):
+        _refuse(f"resume={run_dir} is still running (another process holds its {LOCK}); let it finish or stop it, "
+                f"then resume it.")
 
 
 def _plain(node):
@@ -179,12 +206,20 @@ def _ddp_child(config: DictConfig) -> bool:
     return os.environ.get("LOCAL_RANK", "0") != "0" or str(config.hydra.job.name).startswith("train_ddp_process_")
 
 
+# The table of checked ranges for each Hydra app of the package, by its config name.
+TABLES = {"config": RUN, "probing": PROBING, "lr_range_test": {**RUN, **LR_RANGE}}
+
+
 class RunDirectory(Callback):
     """Hydra callback: claim a fresh run or sweep directory, or accept a continuation, before anything is written."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         if _ddp_child(config):
             return
+        try:  # a refused run leaves nothing behind, not even an empty directory (build() checks again)
+            check_config(config, TABLES.get(str(config.hydra.job.config_name), RUN))
+        except ConfigError as e:
+            _refuse(str(e))
         if config.get("resume"):
             _check_continuation(config)
             return
@@ -198,7 +233,12 @@ class RunDirectory(Callback):
         _set(config, "hydra.sweep.dir", path)
         # Every job's config is composed again from these overrides (Hydra's load_sweep_config): pin the directory.
         with read_write(config.hydra):
-            config.hydra.overrides.hydra.append(f"hydra.sweep.dir={_quote(str(path))}")
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir={quote(str(path))}")
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        # A sweep's job: its directory is held as a run's is (resume= of a job still running is refused).
+        if not _ddp_child(config):
+            lock(Path(str(config.hydra.runtime.output_dir)))
 
 
 def save_hydra_files(cfg: DictConfig, output_dir) -> None:

@@ -6,6 +6,7 @@
 
 import errno
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from locallearn.atomic import write_json, write_text
-from locallearn.checkpoint import check_compatible
+from locallearn.checkpoint import check_compatible, last_checkpoint
 from locallearn.checks import check_config
 from locallearn.chunked import ChunkedGPT
 from locallearn.chunking import ChunkPlan
@@ -184,8 +185,16 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
                 errno.EIO}
 
 
+def _is_output(e: OSError, cfg: DictConfig, run: Run) -> bool:
+    """Whether ``e`` failed a write of this run's outputs (not, say, a read of some other file)."""
+    if e.errno not in WRITE_ERRNOS or not e.filename:
+        return False
+    path = Path(os.fsdecode(e.filename)).resolve()
+    return any(path.is_relative_to(Path(d).resolve()) for d in (run.output_dir, cfg.paths.log_dir))
+
+
 def _write_failure(e: OSError, cfg: DictConfig, run: Run) -> OutputError:
-    ckpt = next((cb for cb in run.trainer.checkpoint_callbacks if getattr(cb, "last_step", None) is not None), None)
+    ckpt = last_checkpoint(run.trainer)
     kept = (f"{ckpt.last_model_path} (step {ckpt.last_step}) is intact, and resume={run.output_dir} continues from it"
             if ckpt else "no checkpoint had been written yet")
     return OutputError(f"could not write {e.filename or 'an output file'} ({e.strerror or e}) with "
@@ -207,7 +216,7 @@ def train(cfg: DictConfig) -> dict:
     try:
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
     except OSError as e:
-        if e.errno not in WRITE_ERRNOS:
+        if not _is_output(e, cfg, run):
             raise
         raise _write_failure(e, cfg, run) from e
     finally:

@@ -159,7 +159,8 @@ def test_an_override_that_names_no_setting_gets_the_nearest_one(arg, expected):
 def test_added_callbacks_loggers_and_trainer_arguments_are_still_accepted():
     check_overrides(["model=tiny", "+trainer.limit_val_batches=1", "~callbacks.tensorboard_layout", "chunks=1,2",
                      "+callbacks.crash._target_=conftest.CrashAt", "schedule=cyclic", "schedule.cycle_steps=4",
-                     "hydra.verbose=true", "hydra/launcher=submitit_local"])
+                     "hydra.verbose=true", "hydra/launcher=submitit_local", "callbacks.summary.path=/tmp/s.json",
+                     "paths.output_dir=/tmp/out", "--cfg", "job"])
 
 
 @pytest.mark.parametrize("arg, expected", [
@@ -173,7 +174,7 @@ def test_run_py_answers_a_bad_command_line_with_one_line_and_exit_code_2(tmp_pat
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr[-2000:]
-    assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.yaml"))  # nothing written
+    assert not list(tmp_path.iterdir())  # nothing written, not even an empty run directory
 
 
 def test_compare_on_a_directory_without_runs_is_one_line(tmp_path):

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from locallearn.config import PROJECT_ROOT
 from locallearn.errors import ConfigError, TrainingDiverged
-from locallearn.rundir import RunDirectory, claim_fresh
+from locallearn.rundir import RunDirectory, claim_fresh, lock
 from locallearn.train import build, train
 
 
@@ -92,8 +92,11 @@ def finished_run(tmp_path_factory):
     (["resume={run}", "model.n_embd=32"], ["model.n_embd=32 (the run has 16)"]),
     (["resume={run}", "objective=mlm"], ["objective._target_=locallearn.objectives.MaskedLM"]),
     (["resume={run}", "optim.lr=nan"], ["optim.lr=nan must be a finite number above 0"]),
+    (["resume={run}", "optim._target_=torch.optim.NAdam"], ["optim._target_=torch.optim.NAdam (the run has "
+                                                           "torch.optim.AdamW)"]),
     (["resume={run}", "ckpt_path={run}/checkpoints/best.ckpt"], ["resume=", "drop the ckpt_path override"]),
-], ids=["explicit-dir", "other-chunks", "other-model", "other-objective", "bad-value", "resume+ckpt_path"])
+], ids=["explicit-dir", "other-chunks", "other-model", "other-objective", "bad-value", "other-optimizer",
+        "resume+ckpt_path"])
 def test_nothing_in_an_existing_run_changes_unless_it_is_continued(finished_run, tmp_path, args, expected):
     before = snapshot(finished_run)
     proc = run_py(*(a.format(run=finished_run) for a in args), log_dir=tmp_path)
@@ -117,6 +120,26 @@ def test_resume_continues_the_run_in_place_with_its_own_overrides(finished_run, 
     assert "chunks=2" in overrides and "trainer.max_steps=9" in overrides  # the run's own, then the new one
     assert OmegaConf.load(run / "config.yaml").trainer.max_steps == 9
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 9
+
+
+def test_a_run_that_is_still_running_cannot_be_resumed(finished_run, tmp_path):
+    run = tmp_path / finished_run.name
+    subprocess.run(["cp", "-a", str(finished_run), str(run)], check=True)
+    assert lock(run)  # this process plays the run that still holds its directory
+    before = snapshot(run)
+    proc = run_py(f"resume={run}", "trainer.max_steps=9", log_dir=tmp_path)
+    assert proc.returncode == 2 and "is still running (another process holds its .lock)" in one_error_line(proc)
+    assert snapshot(run) == before
+
+
+def test_a_run_resumes_with_data_parallel_processes(finished_run, tmp_path):
+    run = tmp_path / finished_run.name
+    subprocess.run(["cp", "-a", str(finished_run), str(run)], check=True)
+    # every further process is started with the first one's (already expanded) command line
+    proc = run_py(f"resume={run}", "trainer.max_steps=8", "trainer=ddp", "trainer.accelerator=cpu",
+                  "trainer.devices=2", log_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
 
 
 def test_a_checkpoint_for_another_model_is_refused_with_what_differs(finished_run, make_cfg):

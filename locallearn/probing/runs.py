@@ -16,9 +16,11 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from locallearn.compare import job_order
 from locallearn.errors import ConfigError
 from locallearn.probing.features import TrainedRun
 from locallearn.probing.tasks import EWT_TASKS, SYNTHETIC_TASKS
+from locallearn.rundir import flatten
 
 # Settings that do not change what a run learns (where it writes, how it logs, how long between evaluations).
 # trainer: only these of its keys change the training itself.
@@ -58,16 +60,11 @@ def find_runs(path) -> list[Path]:
         raise ConfigError(f"runs={path} is not a directory; pass a run or multirun directory.")
     if (path / "config.yaml").is_file():
         return [path]
-    runs = sorted((p for p in path.iterdir() if (p / "config.yaml").is_file()), key=_job_order)
+    runs = sorted((p for p in path.iterdir() if (p / "config.yaml").is_file()), key=job_order)
     if not runs:
         raise ConfigError(f"runs={path} holds no run (no config.yaml in it or its subdirectories); pass a run "
                           f"directory or a multirun directory.")
     return runs
-
-
-def _job_order(p: Path):
-    head = p.name.split("_", 1)[0]
-    return (int(head), p.name) if head.isdigit() else (1 << 30, p.name)
 
 
 def variant_of(cfg) -> str:
@@ -121,9 +118,8 @@ def _under(key: str, names) -> bool:
 
 
 def _flat(tree, prefix="") -> dict[str, str]:
-    if isinstance(tree, dict):
-        return {k: v for name, sub in tree.items() for k, v in _flat(sub, f"{prefix}{name}.").items()}
-    return {prefix[:-1]: json.dumps(tree, sort_keys=True)}
+    """{dotted key: the leaf as JSON} (comparable, hashable)."""
+    return {k: json.dumps(v, sort_keys=True) for k, v in flatten(tree, prefix).items()}
 
 
 def settings(run: TrainedRun, ignore=()) -> dict[str, str]:
