@@ -24,7 +24,7 @@ IGNORED = ("seed", "trainer.enable_progress_bar", "ckpt_path", "paths", "hydra")
 LOCAL_KEYS = ("chunks", "chunking", "overlap", "head", "loss_weights", "switch", "mode", "variant")
 
 
-def _under(key: str, names) -> bool:
+def under(key: str, names) -> bool:
     """Whether ``key`` is one of ``names`` or inside one of them ("switch.at" is under "switch")."""
     return any(key == n or key.startswith(n + ".") or key.startswith(n + "/") for n in names)
 
@@ -84,7 +84,7 @@ def read_run(run_dir: Path) -> RunRecord:
     if path.is_file():
         for item in yaml.safe_load(path.read_text()) or []:
             key, _, value = item.lstrip("+~").partition("=")
-            if not _under(key, IGNORED):
+            if not under(key, IGNORED):
                 overrides[key] = value
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
@@ -176,10 +176,10 @@ def end_to_end_for(group: Group, all_groups: list[Group]) -> Group | None:
     """The group with the same settings but no local learning (chunks=1 and none of the chunk settings)."""
     if group.chunks == 1:
         return None
-    rest = {k: v for k, v in group.key if not _under(k, LOCAL_KEYS)}
+    rest = {k: v for k, v in group.key if not under(k, LOCAL_KEYS)}
     for g in all_groups:
         d = dict(g.key)
-        if g.chunks == 1 and g.done and {k: v for k, v in d.items() if not _under(k, LOCAL_KEYS)} == rest:
+        if g.chunks == 1 and g.done and {k: v for k, v in d.items() if not under(k, LOCAL_KEYS)} == rest:
             return g
     return None
 

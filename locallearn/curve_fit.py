@@ -256,10 +256,10 @@ def fit_runs(paths, predict_at: int | None = None) -> list[RunFits]:
 
 def reference_for(run: RunFits, candidates: list[RunFits]) -> RunFits | None:
     """The end-to-end run (chunks=1) with the same overrides, seed included, but for the chunk settings."""
-    from locallearn.compare import LOCAL_KEYS, _under
+    from locallearn.compare import LOCAL_KEYS, under
 
     def rest(r):
-        return {k: v for k, v in r.run.overrides.items() if not _under(k, LOCAL_KEYS)}
+        return {k: v for k, v in r.run.overrides.items() if not under(k, LOCAL_KEYS)}
 
     # compare.read_run drops seed= from the overrides (it groups seeds), so the seed is matched on its own
     return next((c for c in candidates if c is not run and len(c.curves) == 1 and rest(c) == rest(run)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from locallearn.atomic import write_text
 from locallearn.checks import LR_RANGE, PROBING, RUN, check_config
+from locallearn.compare import under
 from locallearn.config import quote
 from locallearn.errors import ConfigError
 
@@ -95,15 +96,11 @@ def flatten(node, prefix: str = "") -> dict:
     return {prefix[:-1]: node}
 
 
-def _under(key: str, names) -> bool:
-    return any(key == n or key.startswith(n + ".") for n in names)
-
-
 def differences(have: Mapping, want: Mapping, keys=IDENTITY, ignore=()) -> list[str]:
     """``key=value (the run has x)`` for every setting under ``keys`` (groups or dotted keys; not in ``ignore``)
     where ``want`` differs from ``have``."""
-    a = {k: v for k, v in flatten(have).items() if _under(k, keys)}
-    b = {k: v for k, v in flatten(want).items() if _under(k, keys)}
+    a = {k: v for k, v in flatten(have).items() if under(k, keys)}
+    b = {k: v for k, v in flatten(want).items() if under(k, keys)}
     out = []
     for key in sorted(set(a) | set(b)):
         if key not in ignore and a.get(key, "<unset>") != b.get(key, "<unset>"):

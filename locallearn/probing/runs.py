@@ -16,7 +16,7 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from locallearn.compare import job_order
+from locallearn.compare import job_order, under
 from locallearn.errors import ConfigError
 from locallearn.probing.features import TrainedRun
 from locallearn.probing.tasks import EWT_TASKS, SYNTHETIC_TASKS
@@ -113,10 +113,6 @@ def unique_labels(models: list[Model]) -> None:
 
 # -- settings ------------------------------------------------------------------------------------
 
-def _under(key: str, names) -> bool:
-    return any(key == n or key.startswith(n + ".") for n in names)
-
-
 def _flat(tree, prefix="") -> dict[str, str]:
     """{dotted key: the leaf as JSON} (comparable, hashable)."""
     return {k: json.dumps(v, sort_keys=True) for k, v in flatten(tree, prefix).items()}
@@ -126,8 +122,8 @@ def settings(run: TrainedRun, ignore=()) -> dict[str, str]:
     """The run's resolved config as {dotted key: value}, less bookkeeping and ``ignore``; the data as
     :func:`data_identity` gives it."""
     flat = _flat(OmegaConf.to_container(run.cfg, resolve=True))
-    keep = {k: v for k, v in flat.items() if not k.startswith("data.") and not _under(k, ignore)
-            and (not _under(k, BOOKKEEPING) or k in TRAINER_KEYS)}
+    keep = {k: v for k, v in flat.items() if not k.startswith("data.") and not under(k, ignore)
+            and (not under(k, BOOKKEEPING) or k in TRAINER_KEYS)}
     return keep | data_identity(run)
 
 
@@ -135,7 +131,7 @@ def data_identity(run: TrainedRun) -> dict[str, str]:
     """What the run was trained on: the data settings that change the data, the corpus's file or folder
     name and the vocabulary."""
     data = {k: v for k, v in _flat(OmegaConf.to_container(run.cfg.data, resolve=True), "data.").items()
-            if not _under(k, DATA_LOADING)}
+            if not under(k, DATA_LOADING)}
     if run.cfg.data.get("path"):
         data["data.path (name)"] = Path(str(run.cfg.data.path)).name
     data["vocabulary"] = hashlib.sha1("\0".join(run.vocab).encode()).hexdigest()
