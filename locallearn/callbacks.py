@@ -39,6 +39,8 @@ CHARTS = {
     "val loss": r"^val/loss/chunk\d+$",
     "val bits per token": r"^val/bpc/chunk\d+$",
     "val bits, summed over loss terms": r"^val/bits_sum/chunk\d+$",  # objective=span: MLM + SBO
+    "val answer accuracy": r"^val/answer_acc/chunk\d+$",  # tasks (data=mqar|induction|khop) only
+    "val answer loss": r"^val/answer_loss/chunk\d+$",
     "gradient norm": r"^train/grad_norm/chunk\d+$",
     "learning rate": r"^train/lr/chunk\d+$",
     "momentum": r"^train/momentum/chunk\d+$",
@@ -72,7 +74,21 @@ class TensorBoardLayout(L.Callback):
                     params[f"{group}.{key}"] = value
         metrics = {f"hparams/val_loss/chunk{k + 1}": v for k, v in enumerate(pl_module.final_val)}
         metrics["hparams/best_val_loss"] = pl_module.best_val
+        for k, acc in enumerate((pl_module.final_answers or {}).get("acc", [])):
+            metrics[f"hparams/answer_acc/chunk{k + 1}"] = acc
         tb.log_hyperparams(params, metrics)
+
+
+def answer_fields(answers: dict | None, datamodule) -> dict:
+    """The summary's answer metrics per chunk and their chance level (tasks only; nothing for corpora)."""
+    chance = getattr(datamodule, "chance", None)
+    if not chance:
+        return {}
+    def per_chunk(values):
+        return {f"chunk{k + 1}": v for k, v in enumerate(values)}
+
+    return {"answer_acc": per_chunk(answers["acc"]) if answers else None,
+            "answer_loss": per_chunk(answers["loss"]) if answers else None, "chance": chance}
 
 
 class RunSummary(L.Callback):
@@ -104,6 +120,7 @@ class RunSummary(L.Callback):
             "switch_step": pl_module.switch_step,
             "val_loss": {f"chunk{k + 1}": v for k, v in enumerate(final)} if final else None,
             "best_val_loss": pl_module.best_val if final else None,
+            **answer_fields(pl_module.final_answers, datamodule),
             "steps": steps,
             "tokens_seen": steps * tokens_per_step if tokens_per_step else None,
             "wall_time_s": time.perf_counter() - self._start if self._start else None,

@@ -247,12 +247,19 @@ RUN: dict[str, Spec] = {
     "model.dropout": Number(0, 1, hi_open=True),
     "model.bias": Flag(),
     "model.causal": Flag(),
+    "model.pos": Choice(("learned", "rope")),
     # data
     "data.batch_size": POS_INT, "data.block_size": POS_INT, "data.val_windows": POS_INT,
     "data.seed": SEED, "data.val_seed": SEED, "data.corpus_seed": SEED,
     "data.n_train_tokens": POS_INT, "data.n_val_tokens": POS_INT,
     "data.val_fraction": Number(0, 1, lo_open=True, hi_open=True),
     "data.path": Free("checked by the data set itself: a text file (data=text) or the EWT folder (data=ewt)"),
+    # tasks (data=mqar|induction|khop); how their sizes fit one window is checked by the task itself
+    "data.task_seed": SEED, "data.n_train": POS_INT,
+    "data.n_pairs": POS_INT, "data.n_queries": POS_INT, "data.n_keys": POS_INT, "data.n_values": POS_INT,
+    "data.n_symbols": POS_INT, "data.segment": Number(2, integer=True, hint="the first token of a repeat is no "
+                                                       "answer, so a segment needs two"),
+    "data.hops": POS_INT, "data.n_chains": POS_INT, "data.n_nodes": POS_INT,
     # chunking
     "chunking.boundaries": Numbers(Number(integer=True), null=True, hint="boundaries are block indices, "
                                    "e.g. chunking.boundaries=[1,3] (the chunk plan checks their range)"),
@@ -337,7 +344,9 @@ _PATHS = {"paths.root_dir": RUN["paths.root_dir"], "paths.data_dir": RUN["paths.
 # analysis/probe.py (conf/probing.yaml and conf/probe/)
 PROBING: dict[str, Spec] = {
     "runs": Existing("dir", null=False, hint="pass a run directory or a multirun directory"),
-    "task": Choice(("upos", "deprel", "agreement", "role", "depth", "category")),
+    "task": Choice(("upos", "deprel", "agreement", "role", "depth", "category",  # corpora; then the tasks' labels
+                    "prev_token", "seen_before", "pair_key", "recall", *(f"hop{j}" for j in range(1, 10))),
+                   hint="; whether it fits the runs' data is checked when they are read"),
     "control": Flag(), "baselines": Flag(),
     "cka": Choice(("unbiased", "linear", None), hint="null skips CKA"),
     "reference": Existing("dir", hint="pass an end-to-end run directory, or null for each run's same-seed one"),

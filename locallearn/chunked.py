@@ -103,7 +103,8 @@ class ChunkedGPT(nn.Module):
     def trunk_modules(self, k: int) -> list[nn.Module]:
         """The model pieces chunk k owns (its blocks, and the embedding for chunk 1)."""
         mods = [self.gpt.blocks[i] for i in self.plan[k].layers]
-        return ([self.gpt.wte, self.gpt.wpe] if k == 0 else []) + mods
+        embeddings = [m for m in (self.gpt.wte, self.gpt.wpe) if m is not None]  # model.pos=rope has no wpe
+        return (embeddings if k == 0 else []) + mods
 
     def head_modules(self, k: int) -> list[nn.Module]:
         """Chunk k's head, and its objective module if there is one."""

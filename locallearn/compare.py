@@ -36,6 +36,7 @@ class RunRecord:
     status: str  # "finished", "failed: ...", or "unfinished" (no summary.json yet)
     summary: dict = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, last chunk's val loss)
+    answer_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, its answer accuracy): tasks
 
     @property
     def finished(self) -> bool:
@@ -93,20 +94,27 @@ def read_run(run_dir: Path) -> RunRecord:
         summary = json.loads(summary_path.read_text())
     except json.JSONDecodeError as e:
         return RunRecord(run_dir, overrides, f"failed: unreadable summary.json ({e.msg})")
-    return RunRecord(run_dir, overrides, summary.get("status", "unfinished"), summary, read_curve(run_dir))
+    curves = read_curves(run_dir, ("val/loss", "val/answer_acc"))
+    return RunRecord(run_dir, overrides, summary.get("status", "unfinished"), summary, curves["val/loss"],
+                     curves["val/answer_acc"])
 
 
-def read_curve(run_dir: Path, tag: str = "val/loss") -> list[tuple[int, float]]:
-    """(step, value) of a scalar in the run's TensorBoard events (the last chunk's val loss by default)."""
+def read_curves(run_dir: Path, tags=("val/loss",)) -> dict[str, list[tuple[int, float]]]:
+    """Tag -> (step, value) of scalars in the run's TensorBoard events (empty for a tag the run never logged)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    points = {}
+    points = {tag: {} for tag in tags}
     for events in sorted((run_dir / "tb").rglob("events.out.tfevents.*")):
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
-        if tag in acc.Tags().get("scalars", []):
-            points.update({e.step: e.value for e in acc.Scalars(tag)})  # a resumed run: later files win
-    return sorted(points.items())
+        for tag in set(tags) & set(acc.Tags().get("scalars", [])):
+            points[tag].update({e.step: e.value for e in acc.Scalars(tag)})  # a resumed run: later files win
+    return {tag: sorted(p.items()) for tag, p in points.items()}
+
+
+def read_curve(run_dir: Path, tag: str = "val/loss") -> list[tuple[int, float]]:
+    """(step, value) of one scalar in the run's TensorBoard events (the last chunk's val loss by default)."""
+    return read_curves(run_dir, (tag,))[tag]
 
 
 def group_key(overrides: dict[str, str]) -> tuple[tuple[str, str], ...]:
@@ -152,6 +160,20 @@ class Group:
     def last(self) -> tuple[float, float] | None:
         return self.stat(lambda s: list(s["val_loss"].values())[-1])
 
+    def steps_to(self, accuracy: float) -> int | None:
+        """The first validation step at which the mean answer accuracy over seeds reaches ``accuracy`` (tasks)."""
+        curves = [dict(r.answer_curve) for r in self.done if r.answer_curve]
+        if not curves:
+            return None
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        return next((s + 1 for s in steps if mean(c[s] for c in curves) >= accuracy), None)
+
+    def chunk_answer_acc(self) -> list[tuple[float, float] | None]:
+        """Mean and std over seeds of each chunk's answer accuracy (tasks; empty for corpora)."""
+        if not self.done or not self.done[0].summary.get("answer_acc"):
+            return []
+        return [self.stat(lambda s, k=k: (s.get("answer_acc") or {}).get(f"chunk{k + 1}")) for k in range(self.chunks)]
+
 
 def groups(records: list[RunRecord]) -> list[Group]:
     by_key: dict[tuple, list[RunRecord]] = {}
@@ -172,14 +194,24 @@ def _is_number(v: str) -> bool:
         return False
 
 
-def end_to_end_for(group: Group, all_groups: list[Group]) -> Group | None:
-    """The group with the same settings but no local learning (chunks=1 and none of the chunk settings)."""
-    if group.chunks == 1:
+def blocks(group: Group) -> int | None:
+    """Blocks of the model the group trains (from its summaries)."""
+    layers = group.done[0].summary.get("layers") if group.done else None
+    return sum(len(c) for c in layers) if layers else None
+
+
+def end_to_end_for(group: Group, all_groups: list[Group], depth: int | None = None) -> Group | None:
+    """The group with the same settings but no local learning (chunks=1 and none of the chunk settings) and a
+    model of ``depth`` blocks (default: the group's own; a variant may set the depth, so it is read from the
+    summaries, not from the overrides)."""
+    if group.chunks == 1 and depth is None:
         return None
-    rest = {k: v for k, v in group.key if not under(k, LOCAL_KEYS)}
+    depth = blocks(group) if depth is None else depth
+    rest = {k: v for k, v in group.key if not under(k, LOCAL_KEYS) and k != "model.n_layer"}
     for g in all_groups:
         d = dict(g.key)
-        if g.chunks == 1 and g.done and {k: v for k, v in d.items() if not under(k, LOCAL_KEYS)} == rest:
+        if (g is not group and g.chunks == 1 and g.done and blocks(g) == depth
+                and {k: v for k, v in d.items() if not under(k, LOCAL_KEYS) and k != "model.n_layer"} == rest):
             return g
     return None
 
@@ -198,6 +230,8 @@ def table_rows(all_groups: list[Group]) -> list[dict]:
         rows.append({
             "group": label(g.key), "chunks": g.chunks, "seeds": len(g.done), "runs": len(g.runs),
             "val_loss_per_chunk": [list(c) if c else None for c in g.chunk_losses()],
+            "answer_acc_per_chunk": [list(c) if c else None for c in g.chunk_answer_acc()] or None,
+            "steps_to_95pct_answer_acc": g.steps_to(0.95),
             "last_mean": last[0] if last else None, "last_std": last[1] if last else None,
             "e2e_group": label(e2e.key) if e2e else None,
             "gap": gap, "gap_pct": 100 * gap / ref[0] if gap is not None else None,
@@ -215,17 +249,23 @@ def _pm(mean_std, digits=4) -> str:
 
 
 def markdown(all_groups: list[Group], records: list[RunRecord]) -> str:
+    from locallearn import depth_benefit
+
     rows = table_rows(all_groups)
     common = common_items(all_groups)
+    answers = any(r["answer_acc_per_chunk"] for r in rows)
     lines = [f"All runs: {label(sorted(common))}.", ""] if common else []
-    lines += ["| group | seeds | val loss per chunk (mean ± std) | last chunk | gap to end-to-end | peak act. memory "
-             "| wall time | tokens/s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| group | seeds | val loss per chunk (mean ± std) | last chunk | gap to end-to-end | "
+              + ("answer accuracy per chunk | steps to 95% | " if answers else "")
+              + "peak act. memory | wall time | tokens/s |", "| --- " * (10 if answers else 8) + "|"]
     for g, r in zip(all_groups, rows):
         per_chunk = ", ".join(_pm(c) for c in g.chunk_losses()) or "-"
         gap = "-" if r["gap"] is None else f"{r['gap']:+.4f} ({r['gap_pct']:+.2f}%)"
         gap = "(reference)" if g.chunks == 1 and g.done else gap
+        acc = ", ".join(f"{100 * c[0]:.1f}%" if c else "-" for c in g.chunk_answer_acc()) or "-"
         lines.append(
             f"| {label(g.key, common)} | {r['seeds']}/{r['runs']} | {per_chunk} | **{_pm(g.last())}** | {gap} | "
+            + (f"{acc} | {r['steps_to_95pct_answer_acc'] or '-'} | " if answers else "")
             + ("-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.1f} MB") + " | "
             + ("-" if r["wall_s"] is None else f"{r['wall_s']:.0f} s") + " | "
             + ("-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}") + " |")
@@ -236,7 +276,14 @@ def markdown(all_groups: list[Group], records: list[RunRecord]) -> str:
     lines += ["", "Gap: the last chunk's mean final val loss minus that of the end-to-end group with the same "
               "other settings (chunks=1). Peak memory: CUDA allocator peak on GPU, else bytes saved for backward "
               "in one step. ± is the standard deviation over seeds."]
-    return "\n".join(lines) + "\n"
+    chances = sorted({r.summary["chance"]["answer_acc"] for r in records if r.finished and r.summary.get("chance")})
+    if chances:
+        lines += ["", "Answer accuracy: the last validation's accuracy on the task's answer tokens only; chance (a "
+                  "uniform guess over the tokens an answer can be): " + ", ".join(f"{100 * c:.1f}%" for c in chances)
+                  + ". Steps to 95%: the first validation at which the last chunk's answer accuracy, averaged over "
+                  "the seeds, reached 95%."]
+    kept = depth_benefit.markdown(all_groups, lambda g: label(g.key, common))
+    return "\n".join(lines) + "\n" + ("\n" + kept if kept else "")
 
 
 def write_report(paths, out_dir) -> tuple[list[Group], list[RunRecord]]:

@@ -24,12 +24,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def val_curves(all_groups: list[Group], path: Path) -> Path:
-    """The last chunk's val loss against step: mean over seeds, band from min to max."""
+def val_curves(all_groups: list[Group], path: Path, answers: bool = False) -> Path:
+    """The last chunk's val loss (or, ``answers``, its answer accuracy) against step: mean over seeds, band from
+    min to max."""
     name = _namer(all_groups)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, g in enumerate(all_groups):
-        curves = [dict(r.curve) for r in g.done if r.curve]
+        curves = [dict(r.answer_curve if answers else r.curve) for r in g.done if (r.answer_curve if answers
+                                                                                  else r.curve)]
         if not curves:
             continue
         steps = sorted(set.intersection(*(set(c) for c in curves)))
@@ -37,9 +39,10 @@ def val_curves(all_groups: list[Group], path: Path) -> Path:
         ax.plot(steps, values.mean(0), color=f"C{i}", label=f"{name(g)} (n={len(curves)})")
         if len(curves) > 1:
             ax.fill_between(steps, values.min(0), values.max(0), color=f"C{i}", alpha=0.2)
+    what = "answer accuracy" if answers else "val loss"
     ax.set_xlabel("step")
-    ax.set_ylabel("last chunk's val loss")
-    ax.set_title("validation loss (mean over seeds, band: min to max)")
+    ax.set_ylabel(f"last chunk's {what}")
+    ax.set_title(f"validation {what} (mean over seeds, band: min to max)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
@@ -87,8 +90,45 @@ def loss_vs_wall(all_groups: list[Group], path: Path) -> Path:
     return _save(fig, path)
 
 
+def kept_by_chunks(rows, name, path: Path) -> Path:
+    """The share of the depth benefit kept against K, one point per local group (with its 95% interval over
+    seeds), on the loss and, for tasks, on answer accuracy; groups where depth buys nothing are left out."""
+    metrics = [m for m in ("loss", "answer_acc") if any(m in r.results for r in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        shown = [(r, r.results[metric]) for r in rows if metric in r.results and r.results[metric].clear]
+        for i, (r, k) in enumerate(shown):
+            ci = k.interval()
+            err = [[100 * (k.mean - ci[0])], [100 * (ci[1] - k.mean)]] if ci else None
+            x = r.local.chunks + 0.08 * (i - (len(shown) - 1) / 2)  # groups at one K side by side
+            ax.errorbar(x, 100 * k.mean, yerr=err, marker="o", capsize=3, color=f"C{i}", label=name(r.local))
+        unclear = sorted({r.local.chunks for r in rows if metric in r.results and not r.results[metric].clear})
+        for K in unclear:  # said, not plotted: the ratio is noise over noise there
+            ax.annotate("n/a: depth buys\nnothing measurable", (K, 50), ha="center", fontsize=7, color="grey")
+        ks = sorted({r.local.chunks for r in rows})
+        ax.set_xticks(ks)
+        ax.set_xlim(ks[0] - 0.6, ks[-1] + 0.6)
+        ax.axhline(100, color="grey", lw=0.8, ls="--")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("chunks K")
+        ax.set_ylabel("kept (%)")
+        ax.set_title(f"share of the depth benefit kept ({'val loss' if metric == 'loss' else 'answer accuracy'})")
+        ax.grid(alpha=0.3)
+        if shown:
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_all(all_groups: list[Group], out: Path) -> dict[str, Path]:
+    from locallearn import depth_benefit
+
     out = Path(out)
-    return {"val_curves": val_curves(all_groups, out / "val_curves.png"),
-            "loss_by_depth": loss_by_depth(all_groups, out / "loss_by_depth.png"),
-            "loss_vs_wall": loss_vs_wall(all_groups, out / "loss_vs_wall.png")}
+    figures = {"val_curves": val_curves(all_groups, out / "val_curves.png"),
+               "loss_by_depth": loss_by_depth(all_groups, out / "loss_by_depth.png"),
+               "loss_vs_wall": loss_vs_wall(all_groups, out / "loss_vs_wall.png")}
+    if any(r.answer_curve for g in all_groups for r in g.done):
+        figures["answer_curves"] = val_curves(all_groups, out / "answer_curves.png", answers=True)
+    rows = depth_benefit.rows(all_groups)
+    if rows:
+        figures["kept_by_chunks"] = kept_by_chunks(rows, _namer(all_groups), out / "kept_by_chunks.png")
+    return figures

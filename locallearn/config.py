@@ -48,7 +48,9 @@ def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None
         if not m or not (conf_dir / m.group(1)).is_dir():
             continue
         group, values = m.groups()
-        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        # Options in subfolders are named by their path: experiment=depth_benefit/induction.
+        options = sorted(p.relative_to(conf_dir / group).with_suffix("").as_posix()
+                         for p in (conf_dir / group).rglob("*.yaml"))
         for value in values.split(","):
             if value not in options and value != "null":
                 hint = f"choose one of {', '.join(options)}" if options else "it has no options yet"
@@ -89,10 +91,10 @@ def _other_options(key: str, cfg, conf_dir: Path) -> list[str]:
     if not rest or not (conf_dir / group).is_dir():
         return []
     found = []
-    for f in sorted((conf_dir / group).glob("*.yaml")):
+    for f in sorted((conf_dir / group).rglob("*.yaml")):
         node = OmegaConf.load(f)
         if OmegaConf.select(node, rest, default=None) is not None or rest in node:
-            found.append(f.stem)
+            found.append(f.relative_to(conf_dir / group).with_suffix("").as_posix())
     return found
 
 

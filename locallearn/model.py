@@ -26,6 +26,7 @@ class GPTConfig:
     dropout: float = 0.0  # dropout on embeddings, attention and residual branches
     bias: bool = True  # biases in Linear layers and LayerNorms
     causal: bool = True  # causal attention (clm); False for bidirectional objectives (mlm, span)
+    pos: str = "learned"  # position information: learned absolute embeddings (GPT-2) | rope (rotary, in attention)
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -38,6 +39,22 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must lie in [0, 1).")
+        if self.pos not in ("learned", "rope"):
+            raise ConfigError(f"model.pos={self.pos} must be learned or rope.")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(f"model.pos=rope rotates pairs of channels, but the head size "
+                              f"model.n_embd/model.n_head={self.n_embd // self.n_head} is odd; make it even.")
+
+
+def rotate(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (Su et al. 2021) of (B, nh, T, hs) queries or keys: channel pair i of
+    position t turned by the angle t / base^(2i/hs), so that q_t . k_s depends on t - s only."""
+    T, hs = x.shape[-2], x.shape[-1]
+    freq = base ** (-torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)  # (hs/2,)
+    angle = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freq  # (T, hs/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
 class SelfAttention(nn.Module):
@@ -45,7 +62,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head, self.causal = cfg.n_head, cfg.causal
+        self.n_head, self.causal, self.rope = cfg.n_head, cfg.causal, cfg.pos == "rope"
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
@@ -56,6 +73,8 @@ class SelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         # (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.rope:
+            q, k = rotate(q), rotate(k)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -97,7 +116,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
@@ -113,8 +132,10 @@ class GPT(nn.Module):
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds the model's block_size={self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        return self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        return self.drop(x)
 
     def head(self, h):
         """(B, T, C) -> (B, T, vocab_size): final norm and LM head."""

@@ -12,6 +12,7 @@ manual optimization requires.
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -25,7 +26,7 @@ from locallearn.errors import ConfigError
 from locallearn.execution import get_step, joint_step
 from locallearn.hypergrad import HypergradientLR
 from locallearn.memory import SavedTensorMeter
-from locallearn.objectives import IGNORE
+from locallearn.objectives import IGNORE, answer_scores
 from locallearn.schedules import cycles_momentum
 from locallearn.switch import EWC, FisherDiagonal, Switch, estimate_fisher, fisher_seed, token_terms
 
@@ -109,6 +110,10 @@ class LocalLearner(L.LightningModule):
         # torchmetrics' "disable" replaces every weight by 1.)
         self.val_loss = torch.nn.ModuleList(MeanMetric(nan_strategy=math.nan) for _ in range(K))
         self.final_val: list[float] | None = None  # per chunk, from the latest validation
+        # Tasks (data=mqar|induction|khop): loss and accuracy on the answer tokens only, per chunk.
+        self.answer_loss = torch.nn.ModuleList(MeanMetric(nan_strategy=math.nan) for _ in range(K))
+        self.answer_acc = torch.nn.ModuleList(MeanMetric(nan_strategy=math.nan) for _ in range(K))
+        self.final_answers: dict[str, list[float]] | None = None  # {"loss": per chunk, "acc": per chunk}
         self.best_val: float = math.inf  # last chunk
         self.activation_bytes: int | None = None  # peak bytes saved for backward in one step
         self.cuda_peak_bytes: int | None = None
@@ -371,6 +376,14 @@ class LocalLearner(L.LightningModule):
             return
         for k, (h, logits) in enumerate(self.net(prepared.idx)):
             self.val_loss[k].update(self._loss(k, h, logits, prepared), weight=weight)
+            if prepared.answer is not None:
+                self.update_answers(k, *answer_scores(logits, prepared))
+
+    def update_answers(self, k: int, loss_sum, correct, count: int):
+        """Add a batch's answer scores (see :func:`answer_scores`) to chunk k's answer metrics."""
+        if count:
+            self.answer_loss[k].update(loss_sum / count, weight=count)
+            self.answer_acc[k].update(correct / count, weight=count)
 
     def on_validation_epoch_end(self):
         K = len(self.net)
@@ -396,9 +409,25 @@ class LocalLearner(L.LightningModule):
             self.log(f"val/loss/chunk{k + 1}", value)
             self.log(f"val/{bits}/chunk{k + 1}", value / math.log(2))
         self.log("val/loss", values[-1], prog_bar=True)  # the model's own output: what checkpoints monitor
+        answers = self._log_answers() if getattr(self.trainer.datamodule, "chance", None) else None
         if not self.trainer.sanity_checking:
             self.final_val = values
             self.best_val = min(self.best_val, values[K - 1])
+            self.final_answers = answers
+
+    def _log_answers(self) -> dict[str, list[float]]:
+        """Log and return each chunk's answer loss and accuracy (a task's data only)."""
+        out = {"loss": [], "acc": []}
+        for k, (loss, acc) in enumerate(zip(self.answer_loss, self.answer_acc), start=1):
+            for name, metric in (("loss", loss), ("acc", acc)):
+                with warnings.catch_warnings():  # no answer scored (mlm may mask none): NaN, said by the value
+                    warnings.filterwarnings("ignore", ".*before the ``update``.*")
+                    value = float(metric.compute())  # every data-parallel rank computes: it syncs
+                metric.reset()
+                out[name].append(value)
+                self.log(f"val/answer_{name}/chunk{k}", value)
+        self.log("val/answer_acc", out["acc"][-1], prog_bar=True)
+        return out
 
     # -- exact resume -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint):

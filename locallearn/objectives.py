@@ -4,8 +4,9 @@ They know nothing about chunking: the same objective scores every chunk's head. 
 which attention it needs (``causal``), how many token ids it adds to the data's vocabulary (the
 mask token), and whether each chunk needs an extra module (the span-boundary network).
 
-``prepare(batch, generator, rank, world)``: windows (B, T+1) -> :class:`Prepared` model inputs and
-targets, random choices drawn from ``generator`` (seeded by step in training, fixed in validation).
+``prepare(batch, generator, rank, world)``: windows (B, T+1), or a task's ``(windows, answer)`` pair
+(answer: (B, T+1) bool, which tokens are answers) -> :class:`Prepared` model inputs and targets,
+random choices drawn from ``generator`` (seeded by step in training, fixed in validation).
 With data parallelism the choices are drawn for the combined (world x B, T) batch and rank ``rank``
 keeps rows [rank x B, (rank+1) x B), the rows its windows have in that batch (see
 :class:`locallearn.data.windows.RandomWindows`): N ranks mask exactly as one process with N x B would.
@@ -34,6 +35,23 @@ class Prepared:
     span_left: torch.Tensor | None = None  # (B, T) position of the token's left span boundary, -1 outside spans
     span_right: torch.Tensor | None = None  # (B, T) position of its right span boundary
     span_offset: torch.Tensor | None = None  # (B, T) offset of the token inside its span
+    answer: torch.Tensor | None = None  # (B, T) bool: the target is a task's answer (tasks only)
+
+
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch -> (windows (B, T+1), answer mask (B, T+1) or None): tasks' validation batches carry the mask."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0], batch[1]
+    return batch, None
+
+
+def answer_scores(logits, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(B, T, V) logits -> summed cross-entropy (nats) and number of correct argmax predictions over the
+    answers that are targets, and their count."""
+    where = prepared.answer & (prepared.targets != IGNORE)
+    logits, targets = logits[where], prepared.targets[where]  # (N, V), (N,)
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss, (logits.argmax(-1) == targets).sum(), int(where.sum())
 
 
 def _cross_entropy(logits, targets):
@@ -87,7 +105,8 @@ class CausalLM:
         return None
 
     def prepare(self, batch, generator=None, rank: int = 0, world: int = 1) -> Prepared:
-        return Prepared(batch[:, :-1], batch[:, 1:])
+        batch, answer = split_batch(batch)
+        return Prepared(batch[:, :-1], batch[:, 1:], answer=answer[:, 1:] if answer is not None else None)
 
     def loss(self, logits, h, prepared: Prepared, module=None):
         return _cross_entropy(logits, prepared.targets)
@@ -126,6 +145,7 @@ class MaskedLM(CausalLM):
         return torch.where(select & (u >= 0.8) & (u < 0.9), random_tokens, idx)
 
     def prepare(self, batch, generator=None, rank: int = 0, world: int = 1) -> Prepared:
+        batch, answer = split_batch(batch)
         x = batch[:, :-1].cpu()  # (B, T): the same T positions as clm; random choices on the CPU generator
         B, T = x.shape
         rows = slice(rank * B, (rank + 1) * B)  # this rank's rows of the combined (world*B, T) batch
@@ -133,7 +153,9 @@ class MaskedLM(CausalLM):
         unit_of = torch.arange(world * B * T).view(world * B, T)
         idx = self._corrupt(x, select, unit_of, generator, rows)
         targets = torch.where(select[rows], x, torch.full_like(x, IGNORE))
-        return Prepared(idx.to(batch.device), targets.to(batch.device))
+        # Position t's target is token t itself (not t+1 as in clm): its answer flag too.
+        return Prepared(idx.to(batch.device), targets.to(batch.device),
+                        answer=answer[:, :-1] if answer is not None else None)
 
 
 class SpanBoundaryHead(nn.Module):
@@ -215,6 +237,7 @@ class SpanMasking(MaskedLM):
         return spans
 
     def prepare(self, batch, generator=None, rank: int = 0, world: int = 1) -> Prepared:
+        batch, answer = split_batch(batch)
         x = batch[:, :-1].cpu()  # (B, T)
         B, T = x.shape
         # Spans are placed for the whole combined (world*B, T) batch; this rank keeps its own rows.
@@ -233,7 +256,8 @@ class SpanMasking(MaskedLM):
         left, right, offset = left[rows], right[rows], offset[rows]
         targets = torch.where(left >= 0, x, torch.full_like(x, IGNORE))
         dev = batch.device
-        return Prepared(idx.to(dev), targets.to(dev), left.to(dev), right.to(dev), offset.to(dev))
+        return Prepared(idx.to(dev), targets.to(dev), left.to(dev), right.to(dev), offset.to(dev),
+                        answer[:, :-1] if answer is not None else None)
 
     def loss(self, logits, h, prepared: Prepared, module=None):
         mlm = _cross_entropy(logits, prepared.targets)

@@ -39,7 +39,7 @@ import torch.multiprocessing as mp
 from locallearn.errors import ConfigError, PipelineError
 from locallearn.memory import SavedTensorMeter
 from locallearn.module import LocalLearner
-from locallearn.objectives import IGNORE, Prepared
+from locallearn.objectives import IGNORE, Prepared, answer_scores
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ CHAIN, RESULT, OBJECT = 0, 1, 2  # message tags: the chain, train results to ran
 HEADER = 64  # int64 slots: command, step, number of tensors, then (dtype, ndim, on device, d0, d1, d2) per tensor
 SLOTS = 6
 MAX_TENSORS = (HEADER - 3) // SLOTS
-DTYPES = [torch.float32, torch.int64, torch.bfloat16, torch.float16]
+DTYPES = [torch.float32, torch.int64, torch.bfloat16, torch.float16, torch.bool]
 PEER_LOST = 3  # exit code of a worker that stops because another process died
 
 
@@ -171,12 +171,15 @@ def load_chunk_state(net, optimizer, k: int, state: dict):
             optimizer.state.pop(p, None)
 
 
+_ABSENT = torch.empty(0)  # a field of Prepared that is None travels as an empty tensor (fields are never empty)
+
+
 def _prepared_tensors(prepared: Prepared) -> list[torch.Tensor]:
-    return [t for t in vars(prepared).values() if t is not None]
+    return [_ABSENT if t is None else t for t in vars(prepared).values()]
 
 
 def _prepared_from(tensors, device) -> Prepared:
-    return Prepared(*(t.to(device) for t in tensors))
+    return Prepared(*(None if t.numel() == 0 else t.to(device) for t in tensors))
 
 
 # -- workers ------------------------------------------------------------------------------------------
@@ -194,6 +197,7 @@ class _Chunk:
         self.weight = module.loss_weights[k]
         self.activation_bytes = None
         self.val_sum = self.val_weight = 0.0
+        self.answers = [0.0, 0.0, 0]  # summed answer loss, correct answers, answers (tasks only)
 
     def _schedule(self, step: int):
         if self.module.scheduler_factory is None:
@@ -234,6 +238,10 @@ class _Chunk:
         weight = float((prepared.targets != IGNORE).sum())
         self.val_sum += float(self.module._loss(self.k, h, logits, prepared)) * weight
         self.val_weight += weight
+        if prepared.answer is not None:
+            loss_sum, correct, count = answer_scores(logits, prepared)
+            loss_total, correct_total, n = self.answers
+            self.answers = [loss_total + float(loss_sum), correct_total + float(correct), n + count]
 
 
 def worker_loop(link: Link, module: LocalLearner, max_steps: int, device) -> None:
@@ -262,8 +270,9 @@ def worker_loop(link: Link, module: LocalLearner, max_steps: int, device) -> Non
         elif cmd == VAL_END:
             if not last:
                 link.send(k + 1, VAL_END)
-            link.send_object(0, (chunk.val_sum, chunk.val_weight))
+            link.send_object(0, (chunk.val_sum, chunk.val_weight, chunk.answers))
             chunk.val_sum = chunk.val_weight = 0.0
+            chunk.answers = [0.0, 0.0, 0]
         elif cmd == STATE:
             if not last:
                 link.send(k + 1, STATE)
@@ -575,15 +584,18 @@ class PipelineLearner(LocalLearner):
         weight = int((prepared.targets != IGNORE).sum())
         if weight:  # a batch with nothing to score stays out of the mean
             self.val_loss[0].update(self._loss(0, h, logits, prepared), weight=weight)
+        if prepared.answer is not None:
+            self.update_answers(0, *answer_scores(logits, prepared))
 
     def on_validation_epoch_end(self):
         K = len(self.net)
         if K > 1:
             self._guard(self.link.send, 1, VAL_END)
             for k in range(1, K):
-                total, weight = self._guard(self.link.recv_object, k)
+                total, weight, (answer_loss, correct, count) = self._guard(self.link.recv_object, k)
                 if weight:
                     self.val_loss[k].update(torch.tensor(total / weight), weight=weight)
+                self.update_answers(k, torch.tensor(answer_loss), torch.tensor(correct), count)
             if not self.trainer.sanity_checking:
                 self._collect(lambda k: self.global_step - 1)  # every chunk has finished every step by now
                 self._pull_states()  # so that the checkpoint saved next holds every chunk

@@ -226,6 +226,27 @@ def train(cfg: DictConfig) -> dict:
     summary = summary_cb.summary(run.trainer, run.module, "finished") if summary_cb else {}
     if summary.get("val_loss") and run.trainer.global_rank == 0:
         losses = ", ".join(f"{k} {v:.4f}" for k, v in summary["val_loss"].items())
+        if summary.get("answer_acc"):
+            ends = [c.end for c in run.module.net.plan]
+            accs = ", ".join(f"{k} (depth {d}) {v:.1%}" for (k, v), d in zip(summary["answer_acc"].items(), ends))
+            log.info("final answer accuracy: %s (chance %.1f%%)", accs, 100 * summary["chance"]["answer_acc"])
         log.info("final val loss: %s | %d steps in %.0f s, %.0f tokens/s | run dir: %s", losses, summary["steps"],
                  summary["wall_time_s"], summary["tokens_per_s"] or 0, run.output_dir)
+        command = end_to_end_command()
+        if len(run.module.net) > 1 and command:
+            log.info("its end-to-end reference (same model, data, steps and seed): %s", command)
     return summary
+
+
+def end_to_end_command() -> str | None:
+    """The command line of the running job's end-to-end reference: its overrides without the chunk settings, with
+    ``chunks=1`` (None outside a Hydra job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from locallearn.compare import LOCAL_KEYS, under
+
+    if not HydraConfig.initialized():
+        return None
+    keep = [o for o in HydraConfig.get().overrides.task
+            if not under(o.lstrip("+~").split("=", 1)[0], (*LOCAL_KEYS, "resume", "ckpt_path", "hydra"))]
+    return "python run.py " + " ".join([*keep, "chunks=1"])

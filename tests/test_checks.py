@@ -49,8 +49,8 @@ def run_options():
     """(group=option overrides that bring a key in, key) for every key of every option of every run group."""
     seen = {}
     for group in RUN_GROUPS:
-        for option in sorted((CONF_DIR / group).glob("*.yaml")):
-            choice = [f"{group}={option.stem}"]
+        for option in sorted((CONF_DIR / group).rglob("*.yaml")):  # experiment=depth_benefit/induction too
+            choice = [f"{group}={option.relative_to(CONF_DIR / group).with_suffix('').as_posix()}"]
             for key in _leaves(_compose("config", choice)):
                 seen.setdefault(key, choice)
     return seen

@@ -15,7 +15,14 @@ from locallearn.config import PROJECT_ROOT
 from tests.conftest import TINY
 
 
-def fake_run(root, job: int, overrides: list[str], losses=None, status="finished", wall=100.0, curve=None):
+def even_plan(K: int, blocks: int = 4) -> list[list[int]]:
+    """Blocks per chunk of K balanced chunks (a 4-block model unless K is larger)."""
+    blocks = max(blocks, K)
+    return [list(range(k * blocks // K, (k + 1) * blocks // K)) for k in range(K)]
+
+
+def fake_run(root, job: int, overrides: list[str], losses=None, status="finished", wall=100.0, curve=None,
+             layers=None, answer_acc=None, answer_curve=None):
     """A job directory as a multirun leaves it: .hydra/overrides.yaml, summary.json, TensorBoard events."""
     d = root / f"{job}_{','.join(overrides)}"
     (d / ".hydra").mkdir(parents=True)
@@ -27,12 +34,16 @@ def fake_run(root, job: int, overrides: list[str], losses=None, status="finished
     if losses is not None:
         summary |= {"val_loss": {f"chunk{k + 1}": v for k, v in enumerate(losses)}, "wall_time_s": wall,
                     "tokens_per_s": 1000.0, "activation_bytes_peak": 2**20 * len(losses),
-                    "layers": [[k] for k in range(len(losses))]}
+                    "layers": layers or even_plan(len(losses))}
+    if answer_acc is not None:
+        summary["answer_acc"] = {f"chunk{k + 1}": v for k, v in enumerate(answer_acc)}
     (d / "summary.json").write_text(json.dumps(summary))
-    if curve:
+    if curve or answer_curve:
         with SummaryWriter(str(d / "tb")) as w:
-            for step, value in curve:
+            for step, value in curve or []:
                 w.add_scalar("val/loss", value, step)
+            for step, value in answer_curve or []:
+                w.add_scalar("val/answer_acc", value, step)
     return d
 
 
@@ -136,3 +147,77 @@ def test_gap_is_taken_to_the_end_to_end_run_of_the_same_model(tmp_path):
     assert rows["chunks=4 model=base overlap=1"]["gap"] == pytest.approx(0.1)
     assert rows["model=small variant=greedy"]["gap"] == pytest.approx(0.1)
     assert rows["model=small variant=greedy"]["e2e_group"] == "chunks=1 model=small"
+
+
+# variant -> blocks per chunk, in a 4-block model (the depth_benefit recipes)
+PLANS = {"end_to_end": [[0, 1, 2, 3]], "shallow2": [[0, 1]], "shallow1": [[0]], "chunks2": [[0, 1], [2, 3]],
+         "chunked": [[0], [1], [2], [3]]}
+
+
+def depth_sweep(root, values: dict[str, list[float]], accs: dict[str, list[float]] | None = None):
+    """A fake depth_benefit sweep: one run per variant and seed, final last-chunk loss ``values[variant][seed]``."""
+    job = 0
+    for variant, per_seed in values.items():
+        for seed, v in enumerate(per_seed):
+            K = len(PLANS[variant])
+            acc = [0.0] * (K - 1) + [accs[variant][seed]] if accs else None
+            fake_run(root, job, [f"variant={variant}", "data=mqar", f"seed={seed}"], [9.0] * (K - 1) + [v],
+                     layers=PLANS[variant], answer_acc=acc)
+            job += 1
+    return root
+
+
+def test_share_of_the_depth_benefit_kept_by_hand(tmp_path):
+    from locallearn.depth_benefit import rows
+
+    losses = {"end_to_end": [1.0, 1.1, 1.2], "shallow2": [2.0, 2.1, 2.2], "shallow1": [3.0, 3.1, 3.2],
+              "chunks2": [1.5, 1.35, 1.7], "chunked": [2.0, 2.1, 2.2]}
+    accs = {"end_to_end": [1.0, 1.0, 0.9], "shallow2": [0.1, 0.2, 0.1], "shallow1": [0.05, 0.05, 0.05],
+            "chunks2": [0.55, 0.6, 0.5], "chunked": [0.05, 0.05, 0.05]}
+    found = {dict(r.local.key)["variant"]: r for r in rows(groups(collect([depth_sweep(tmp_path / "m", losses,
+                                                                                          accs)])))}
+    assert set(found) == {"chunks2", "chunked"}
+    k2 = found["chunks2"]
+    assert dict(k2.e2e.key)["variant"] == "end_to_end" and dict(k2.shallow.key)["variant"] == "shallow2"
+    # (S - local) / (S - E) per seed: (2.0-1.5)/(2.0-1.0), (2.1-1.35)/(2.1-1.1), (2.2-1.7)/(2.2-1.2)
+    assert k2.results["loss"].values == pytest.approx([0.5, 0.75, 0.5])
+    assert k2.results["loss"].mean == pytest.approx(0.5833333)
+    lo, hi = k2.results["loss"].interval()
+    half = 4.302653 * stdev([0.5, 0.75, 0.5]) / math.sqrt(3)  # Student t, 2 degrees of freedom, 97.5%
+    assert (lo, hi) == pytest.approx((0.5833333 - half, 0.5833333 + half))
+    # on accuracy: (local - S) / (E - S): (0.55-0.1)/0.9, (0.6-0.2)/0.8, (0.5-0.1)/0.8
+    assert k2.results["answer_acc"].values == pytest.approx([0.5, 0.5, 0.5])
+    k4 = found["chunked"]
+    assert dict(k4.shallow.key)["variant"] == "shallow1"
+    assert k4.results["loss"].values == pytest.approx([0.5, 0.5, 0.5])  # (3.0-2.0)/(3.0-1.0) ...
+    assert k4.results["answer_acc"].values == pytest.approx([0.0, 0.0, 0.0])  # no better than one block
+    out = tmp_path / "report"
+    write_report([tmp_path / "m"], out)
+    md = (out / "compare.md").read_text()
+    assert "| variant=chunks2 | 2 | 4 (2) | 2.1000 / 1.1000 / 1.5167 | 58% [" in md
+    assert (out / "kept_by_chunks.png").stat().st_size > 0
+
+
+def test_kept_is_not_reported_where_depth_buys_nothing(tmp_path):
+    from locallearn.depth_benefit import rows
+
+    losses = {"end_to_end": [2.0, 2.1, 1.9], "shallow2": [2.01, 2.05, 1.98], "chunks2": [2.0, 2.0, 2.0]}
+    root = depth_sweep(tmp_path / "m", losses)
+    (row,) = rows(groups(collect([root])))
+    assert not row.results["loss"].clear  # the benefit (0.01, -0.05, 0.08) is not above 0 with 95% confidence
+    out = tmp_path / "report"
+    write_report([root], out)
+    md = (out / "compare.md").read_text()
+    assert "## Share of the depth benefit kept" in md and "n/a: depth buys nothing measurable" in md
+
+
+def test_steps_to_an_answer_accuracy_is_read_from_the_mean_curve_over_seeds(tmp_path):
+    root = tmp_path / "m"
+    for seed, curve in enumerate(([(499, 0.5), (999, 0.97), (1499, 0.99)], [(499, 0.9), (999, 0.94), (1499, 1.0)])):
+        fake_run(root, seed, ["chunks=1", "data=induction", f"seed={seed}"], [1.0], answer_acc=[curve[-1][1]],
+                 answer_curve=curve)
+    (g,) = groups(collect([root]))
+    assert g.steps_to(0.95) == 1000 and g.steps_to(0.999) is None  # means 0.70, 0.955, 0.995
+    write_report([root], tmp_path / "r")
+    assert "| 1000 |" in (tmp_path / "r" / "compare.md").read_text()
+    assert (tmp_path / "r" / "answer_curves.png").stat().st_size > 0

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from locallearn.chunked import ChunkedGPT
 from locallearn.chunking import ChunkPlan
+from locallearn.errors import ConfigError
 from locallearn.execution import joint_step, sequential_step
 from locallearn.heads import LinearHead
 from locallearn.memory import SavedTensorMeter
@@ -230,3 +231,37 @@ def test_overlap_with_dropout_does_not_change_what_is_handed_on():
     for (h0, l0), (h1, l1) in zip(*outputs):
         torch.testing.assert_close(h0, h1, rtol=0, atol=0)
         torch.testing.assert_close(l0, l1, rtol=0, atol=0)
+
+
+def test_rotary_attention_scores_depend_on_relative_position_only():
+    from locallearn.model import rotate
+
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    T = 12
+    qs, ks = rotate(q.expand(1, 1, T, 8).contiguous()), rotate(k.expand(1, 1, T, 8).contiguous())
+    scores = (qs @ ks.transpose(-1, -2))[0, 0]  # (T, T): the same q and k at every position
+    for d in range(-3, 4):  # every diagonal holds one value: the score of an offset
+        diag = torch.diagonal(scores, d)
+        assert torch.allclose(diag, diag[0].expand_as(diag), atol=1e-5)
+    assert torch.allclose(rotate(q.expand(1, 1, 1, 8)), q)  # position 0 is not turned
+    assert torch.allclose(qs.norm(dim=-1), q.norm(dim=-1).expand(1, 1, T))  # a rotation keeps the norm
+
+
+def test_rope_model_has_no_position_embedding_and_chunks_as_usual():
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=10, pos="rope")
+    net = ChunkedGPT(GPT(cfg), ChunkPlan.build(2, 2), LinearHead)
+    assert net.gpt.wpe is None and net.gpt.wte in net.trunk_modules(0)
+    idx = torch.randint(10, (2, 8))
+    out = net(idx)
+    assert [logits.shape for _, logits in out] == [(2, 8, 10)] * 2
+    sum(F.cross_entropy(lg.flatten(0, 1), idx.flatten()) for _, lg in out).backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"pos": "alibi"}, "model.pos=alibi must be learned or rope"),
+    ({"pos": "rope", "n_embd": 6, "n_head": 2}, "head size model.n_embd/model.n_head=3 is odd"),
+])
+def test_bad_position_settings_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace("/", ".")):
+        GPTConfig(**{"n_layer": 1, "n_head": 2, "n_embd": 8, **kwargs})

@@ -43,6 +43,9 @@ def test_shakespeare_char_is_the_reference_recipe():
     ("overlap", 4, [[0], [0, 1], [1, 2], [2, 3]]),
     ("block_head", 4, [[0], [1], [2], [3]]),
     ("switch", 4, [[0], [1], [2], [3]]),
+    ("chunks2", 2, [[0, 1], [2, 3]]),
+    ("shallow2", 1, [[0, 1]]),
+    ("shallow1", 1, [[0]]),
 ])
 def test_each_variant_builds(make_cfg, variant, chunks, trained):
     run = build(make_cfg(f"variant={variant}"))
@@ -52,3 +55,21 @@ def test_each_variant_builds(make_cfg, variant, chunks, trained):
         assert type(run.module.net.aux_heads[0]).__name__ == "BlockHead"
     if variant == "switch":
         assert run.module.switch.at == 0.8
+
+
+@pytest.mark.parametrize("variant, chunks, n_layer", [
+    ("end_to_end", 1, 4), ("shallow2", 1, 2), ("shallow1", 1, 1), ("chunks2", 2, 4), ("chunked", 4, 4),
+    ("overlap", 4, 4), ("block_head", 4, 4), ("switch", 4, 4),
+])
+def test_depth_benefit_variants_win_over_the_experiments_base(variant, chunks, n_layer):
+    # variant comes after experiment in the defaults: the shallow references keep their depth under the recipe
+    cfg = compose_with_hydra("experiment=depth_benefit/induction", f"variant={variant}")
+    assert (cfg.chunks, cfg.model.n_layer) == (chunks, n_layer)
+    assert cfg.data._target_.endswith("InductionDataModule") and cfg.model.n_embd == 64
+
+
+def test_depth_benefit_recipe_sweeps_both_references_every_variant_and_three_seeds():
+    params = compose_with_hydra("experiment=depth_benefit/induction").hydra.sweeper.params
+    assert params.variant.split(",") == ["end_to_end", "shallow2", "shallow1", "chunks2", "chunked", "overlap",
+                                         "block_head", "switch"]
+    assert params.seed == "0,1,2"

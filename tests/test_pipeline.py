@@ -38,8 +38,11 @@ def assert_same_state(a: dict, b: dict, atol=1e-6):
 
 
 # K=4 holds more train results in flight than a chunk may queue: it deadlocked at the first validation once.
-@pytest.mark.parametrize("chunks, extra", [(2, []), (3, []), (4, []), (2, ["objective=span"])],
-                         ids=["2", "3", "4", "2-span"])
+TASK = ["data=induction", "data.block_size=16", "data.n_symbols=20", "data.segment=4", "data.n_train=500"]
+
+
+@pytest.mark.parametrize("chunks, extra", [(2, []), (3, []), (4, []), (2, ["objective=span"]), (3, TASK)],
+                         ids=["2", "3", "4", "2-span", "3-task"])
 def test_pipeline_makes_the_updates_of_sequential(make_cfg, chunks, extra):
     seq = make_cfg(f"chunks={chunks}", "mode=sequential", *extra)
     pipe = make_cfg(f"chunks={chunks}", "mode=pipeline", *extra)
@@ -47,6 +50,9 @@ def test_pipeline_makes_the_updates_of_sequential(make_cfg, chunks, extra):
     seq_summary, pipe_summary = train(seq), train(pipe)
     assert torch.get_num_threads() == threads  # the pipeline gives back the threads it set
     assert pipe_summary["val_loss"] == pytest.approx(seq_summary["val_loss"], abs=1e-6)
+    if extra == TASK:  # every chunk's answer metrics travel back from its process
+        assert pipe_summary["answer_acc"] == pytest.approx(seq_summary["answer_acc"], abs=1e-6)
+        assert pipe_summary["answer_loss"] == pytest.approx(seq_summary["answer_loss"], abs=1e-5)
     assert_same_state(checkpoint(seq), checkpoint(pipe))
     for k in range(1, chunks + 1):  # every chunk's train loss reaches TensorBoard at its own step
         want, got = train_losses(seq, k), train_losses(pipe, k)

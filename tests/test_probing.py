@@ -19,7 +19,7 @@ from locallearn.config import PROJECT_ROOT
 from locallearn.data.conllu import read_conllu
 from locallearn.data.synthetic import Grammar
 from locallearn.errors import ConfigError
-from locallearn.heads import BlockHead
+from locallearn.heads import BlockHead, LinearHead
 from locallearn.model import GPT, GPTConfig
 from locallearn.probing.cka import cka_matrix, linear_cka, null_permutations, unbiased_cka
 from locallearn.probing.features import _windows, encode_text, extract, states
@@ -507,3 +507,51 @@ def test_the_cka_reference_must_be_end_to_end(tiny_multirun, tmp_path):
     local = tiny_multirun / "1_chunks=2,seed=0"
     with pytest.raises(ConfigError, match=r"reference=.* was trained with chunks=2; .* must be an end-to-end run"):
         probe_runs(probing_cfg(f"runs='{local}'", f"reference='{local}'", cache_dir=tmp_path), tmp_path / "out")
+
+
+# -- task probes (data=induction|mqar|khop) ---------------------------------------------------------
+
+def test_task_probe_labels_read_the_examples_windows(tmp_path):
+    from locallearn.data.tasks import Induction
+    from locallearn.probing.tasks import task_probe
+
+    task = Induction(17, n_symbols=20, segment=4)
+    probe = task_probe("prev_token", task, 1234, {"train": 300, "dev": 100, "test": 100})
+    split = probe.splits["train"]
+    assert split.example_len == 16 and len(split.tokens) % 16 == 0 and len(split.positions) >= 300
+    # every example is read on its own: position 0 of an example has no previous token, so no label
+    assert not np.any(split.positions % 16 == 0)
+    assert np.array_equal(split.labels, split.tokens[split.positions - 1])  # the previous token, in-example
+    with pytest.raises(ConfigError, match="task=agreement is not a probe label of data=induction"):
+        task_probe("agreement", task, 1234, {"train": 10, "dev": 10, "test": 10})
+
+
+def test_extract_reads_each_example_as_its_own_window():
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=12)
+    net = ChunkedGPT(GPT(cfg), ChunkPlan.build(2, 2), LinearHead).eval()
+    stream = np.random.default_rng(0).integers(12, size=5 * 6)  # five examples of 6 tokens
+    positions = np.array([0, 5, 6, 17, 29])
+    got = extract(net, stream, positions, batch_size=2, example_len=6)
+    with torch.no_grad():
+        direct = states(net, torch.from_numpy(stream.reshape(5, 6)))
+    for name, feats in got.items():
+        for i, p in enumerate(positions):
+            assert np.allclose(feats[i], direct[name][p // 6, p % 6].numpy(), atol=1e-5), (name, p)
+
+
+def test_probe_run_on_task_runs_reports_the_intermediate_feature(tmp_path):
+    from tests.conftest import compose_config
+
+    root = tmp_path / "multirun"
+    task = ["data=induction", "data.block_size=16", "data.n_symbols=20", "data.segment=4", "data.n_train=500"]
+    for job, chunks in enumerate((1, 2)):
+        train(compose_config(root / f"{job}_chunks={chunks}", f"chunks={chunks}", *task, "trainer.max_steps=20",
+                             "trainer.val_check_interval=10"))
+    out = tmp_path / "out"
+    rows = probe_runs(probing_cfg(f"runs={root}", "task=prev_token", "baselines=false", cache_dir=tmp_path / "c"),
+                      out)
+    test = [r for r in rows if r["split"] == "test"]
+    assert {r["task"] for r in test} == {"prev_token"} and {r["variant"] for r in test} == {"end-to-end", "chunked"}
+    assert all(0 <= r["accuracy"] <= 1 for r in test)
+    with pytest.raises(ConfigError, match="task=upos is not a probe label of data=induction"):
+        probe_runs(probing_cfg(f"runs={root}", "task=upos", cache_dir=tmp_path / "c"), tmp_path / "out2")

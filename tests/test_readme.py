@@ -60,9 +60,13 @@ def tiny(args: list[str]) -> list[str]:
     data, schedule = _data_target(args)
     keep = [o for o in TINY if (data.endswith("SyntheticDataModule") or not o.startswith("data.n_"))
             and (schedule.endswith("warmup_cosine") or not o.startswith("schedule.warmup"))]
+    if data.rsplit(".", 1)[-1] in ("InductionDataModule", "MQARDataModule", "KHopDataModule"):
+        keep += ["data.block_size=24", "model.block_size=24"]  # the tasks' own example length, in model=tiny
     out = [re.sub(r"^seed=([^,]+),.*", r"seed=\1", a) for a in args]
     if any(a.startswith("experiment=") for a in args) and "-m" in args:
         out.append("hydra.sweeper.params.seed=0")
+    if any(a.startswith("experiment=depth_benefit") for a in args) and "-m" in args:
+        out.append("variant=end_to_end,shallow1,chunked")  # both references and a K=4 run (wins over the recipe)
     if any(a.startswith("hparams_search=") for a in args):
         out.append("hydra.sweeper.n_trials=2")
     return out + keep
@@ -80,7 +84,9 @@ class Workspace:
         return sorted(p for p in (self.logs / "multiruns").glob("*") if marker in p.name)
 
     def job(self, sweep: Path, chunks: int) -> Path:
-        return next(j for j in sorted(sweep.iterdir()) if f"chunks={chunks}" in j.name and j.is_dir())
+        """The sweep's first job of ``chunks`` chunks (read from its summary: a variant may set them)."""
+        return next(j for j in sorted(sweep.iterdir()) if j.is_dir() and (j / "summary.json").is_file()
+                    and json.loads((j / "summary.json").read_text()).get("chunks") == chunks)
 
     def fill(self, command: str) -> str:
         sweep = lambda marker: self.sweeps(marker)[0]  # noqa: E731
@@ -94,6 +100,10 @@ class Workspace:
             "<end-to-end run dir>": lambda: self.job(sweep("data=ewt"), 1),
             "<run dir>": lambda: self.job(sweep("data=ewt"), 4),
             "<synthetic run or sweep>": lambda: sweep("chunks=1,2,4"),
+            "<induction sweep>": lambda: sweep("experiment=depth_benefit"),
+            "logs/multiruns/<date>_<time>_experiment=depth_benefit-induction": lambda: sweep("depth_benefit"),
+            "<K=4 run>": lambda: self.job(sweep("depth_benefit"), 4),
+            "<its end-to-end run>": lambda: self.job(sweep("depth_benefit"), 1),
             "/path/to/corpus.txt": lambda: self.corpus,
             "<partition>": lambda: "debug", " <overrides>": lambda: "", "chunks=K": lambda: "chunks=2",
         }

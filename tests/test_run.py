@@ -66,8 +66,9 @@ def test_run_writes_summary_events_checkpoints_and_vocab(make_cfg):
         ["objective=span"],  # masks drawn by step
         ["switch.at=0.5", "switch.ewc_lambda=10"],  # the checkpoint at step 3 is the switch step: EWC after resume
         ["schedule=cyclic", "schedule.cycle_steps=4", "optim.hypergrad_lr=1e-4"],  # scheduler and adapted LRs
+        ["data=induction", "data.block_size=16", "data.n_symbols=20", "data.segment=4", "data.n_train=500"],  # rows
     ],
-    ids=["plain", "span", "switch+ewc", "cyclic+hypergrad"],
+    ids=["plain", "span", "switch+ewc", "cyclic+hypergrad", "task"],
 )
 def test_resume_continues_exactly_where_the_run_stopped(make_cfg, variant):
     straight = make_cfg("chunks=2", "model.dropout=0.1", *variant)
@@ -89,7 +90,9 @@ def test_resume_continues_exactly_where_the_run_stopped(make_cfg, variant):
     assert sorted(got) == [3, 4, 5]  # the resumed run logs steps 4..6 only, on the same step axis
     for step, value in got.items():
         assert value == pytest.approx(want[step], rel=1e-6, abs=0), f"step {step + 1} differs after resume"
-    assert summary["val_loss"] == json.loads((Path(straight.paths.output_dir) / "summary.json").read_text())["val_loss"]
+    straight_summary = json.loads((Path(straight.paths.output_dir) / "summary.json").read_text())
+    assert summary["val_loss"] == straight_summary["val_loss"]
+    assert summary.get("answer_acc") == straight_summary.get("answer_acc")
     assert "2 usable points" in summary["curve_fit"]["chunk1"]["error"]  # the diagnostics kept the first half's history
 
 
@@ -117,3 +120,19 @@ def test_multirun_from_the_command_line(tmp_path):
         summary = json.loads((job / "summary.json").read_text())
         assert summary["chunks"] == k and summary["steps"] == 4
         assert (job / ".hydra" / "config.yaml").is_file()  # the resolved config is saved with every run
+
+
+def test_a_local_run_on_a_task_ends_with_its_answers_by_depth_and_its_end_to_end_command(tmp_path):
+    cmd = [sys.executable, "run.py", "data=induction", "model=tiny", "data.block_size=16", "data.n_symbols=20",
+           "data.segment=4", "data.n_train=500", "data.val_windows=16", "chunks=2", "overlap=1",
+           "trainer.max_steps=4", "trainer.val_check_interval=2", "schedule.warmup_steps=1",
+           "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}"]
+    done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert re.search(r"final answer accuracy: chunk1 \(depth 2\) [\d.]+%, chunk2 \(depth 4\) [\d.]+% \(chance 5\.0%\)",
+                     log), log[-2000:]
+    line = next(x for x in log.splitlines() if "its end-to-end reference" in x)
+    command = line.split(": ", 1)[1]
+    assert command.startswith("python run.py data=induction model=tiny") and command.endswith(" chunks=1")
+    assert "chunks=2" not in command and "overlap=1" not in command and "paths.log_dir" in command

@@ -12,7 +12,7 @@ from locallearn.data.windows import RandomWindows, fixed_windows
 from locallearn.errors import ConfigError
 
 
-def _own_generator() -> torch.Generator:
+def own_generator() -> torch.Generator:
     # A DataLoader draws a seed from the global RNG whenever an iterator starts, unless it has a
     # generator of its own; that draw would shift the dropout masks of a resumed run.
     return torch.Generator().manual_seed(0)
@@ -68,11 +68,11 @@ class TokenDataModule(L.LightningDataModule):
         start = self.trainer.global_step if self.trainer is not None else 0
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         windows = RandomWindows(self.train_tokens, self.block_size, self.batch_size, self.seed, start, rank, world)
-        return DataLoader(windows, batch_size=None, generator=_own_generator())
+        return DataLoader(windows, batch_size=None, generator=own_generator())
 
     def val_dataloader(self):
         windows = fixed_windows(self.val_tokens, self.block_size, self.val_windows, self.val_seed)
-        return DataLoader(windows, batch_size=self.batch_size, shuffle=False, generator=_own_generator())
+        return DataLoader(windows, batch_size=self.batch_size, shuffle=False, generator=own_generator())
 
     def save_vocab(self, run_dir):
         """Write ``vocab.json`` (token strings by id) so a run's ids can be decoded later."""

@@ -31,17 +31,36 @@ class RandomWindows(IterableDataset):
         self.tokens, self.width, self.batch_size = tokens, block_size + 1, batch_size
         self.seed, self.start, self.rank, self.world = seed, start, rank, world
 
+    def generator(self, n: int) -> torch.Generator:
+        """The generator batch ``n`` is drawn from: a function of (seed, n) only."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + n)
+
     def batch(self, n: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + n)
-        starts = _window_starts(len(self.tokens), self.width, self.batch_size * self.world, g)
-        return gather_windows(self.tokens, starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size],
-                              self.width)
+        starts = _window_starts(len(self.tokens), self.width, self.batch_size * self.world, self.generator(n))
+        return gather_windows(self.tokens, self.mine(starts), self.width)
+
+    def mine(self, drawn: torch.Tensor) -> torch.Tensor:
+        """This process's B of the ``world`` x B items drawn for a step."""
+        return drawn[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
     def __iter__(self):
         n = self.start
         while True:
             yield self.batch(n)
             n += 1
+
+
+class RandomExamples(RandomWindows):
+    """Endless batches (B, T+1) of whole examples: rows of ``examples`` (N, T+1), drawn by step as
+    :class:`RandomWindows` draws windows (same seeding, resume and data-parallel split)."""
+
+    def __init__(self, examples: torch.Tensor, batch_size: int, seed: int, start: int = 0, rank: int = 0,
+                 world: int = 1):
+        super().__init__(examples, examples.shape[1] - 1, batch_size, seed, start, rank, world)
+
+    def batch(self, n: int) -> torch.Tensor:
+        rows = torch.randint(len(self.tokens), (self.batch_size * self.world,), generator=self.generator(n))
+        return self.tokens[self.mine(rows)]
 
 
 def fixed_windows(tokens: torch.Tensor, block_size: int, count: int, seed: int = 0) -> torch.Tensor:

@@ -138,13 +138,18 @@ def _windows(n: int, T: int, causal: bool) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def extract(net: ChunkedGPT, stream: np.ndarray, positions: np.ndarray, batch_size: int = 64,
-            device: str = "cpu") -> dict[str, np.ndarray]:
-    """Token stream (n,) and word positions (N,) -> {layer name: (N, C) float32}."""
+            device: str = "cpu", example_len: int | None = None) -> dict[str, np.ndarray]:
+    """Token stream (n,) and word positions (N,) -> {layer name: (N, C) float32}. With ``example_len`` the
+    stream is independent examples of that many tokens, each read as its own window (a task's examples)."""
     T, causal = net.gpt.config.block_size, net.gpt.config.causal
-    starts, which = _windows(len(stream), T, causal)
+    if example_len is not None:
+        starts, which = np.arange(0, len(stream), example_len), np.arange(len(stream)) // example_len
+        width = example_len
+    else:
+        starts, which = _windows(len(stream), T, causal)
+        width = min(T, len(stream))
     win = which[positions]  # (N,) the window each word is read from
     needed = np.unique(win)
-    width = min(T, len(stream))
     out: dict[str, np.ndarray] = {}
     for b in range(0, len(needed), batch_size):
         batch = needed[b:b + batch_size]
@@ -170,7 +175,8 @@ def cached_features(run: TrainedRun, key: str, stream: np.ndarray, positions: np
     """:func:`extract`, cached in :func:`run_cache_dir` and keyed by the run's config, its checkpoint (name,
     size, modification time), the inputs and ``key``; stored as float16 and written atomically."""
     digest = hashlib.sha1()
-    for part in (stream.tobytes(), positions.tobytes(), (run.dir / "config.yaml").read_bytes()):
+    for part in (stream.tobytes(), positions.tobytes(), (run.dir / "config.yaml").read_bytes(),
+                 str(kwargs.get("example_len")).encode()):
         digest.update(part)
     if run.ckpt is not None:
         st = run.ckpt.stat()

@@ -31,10 +31,11 @@ from locallearn.probing.runs import (
     find_runs,
     make_model,
     pair_references,
+    run_task,
     seed_groups,
     unique_labels,
 )
-from locallearn.probing.tasks import EWT_TASKS, ProbeTask, ewt_task, synthetic_task
+from locallearn.probing.tasks import EWT_TASKS, ProbeTask, ewt_task, synthetic_task, task_probe
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ def _task(cfg: DictConfig, runs) -> ProbeTask:
         return ewt_task(cfg.task, cfg.ewt_path, caps, seed=cfg.seed)
     words = {"train": cfg.max_train_words or 20000, "dev": cfg.max_eval_words or 5000,
              "test": cfg.max_eval_words or 5000}
+    task = run_task(runs[0])
+    if task is not None:
+        return task_probe(cfg.task, task, int(runs[0].cfg.data.task_seed), words)
     return synthetic_task(cfg.task, int(runs[0].cfg.data.corpus_seed), words)
 
 
@@ -63,7 +67,7 @@ def _features(model: Model, task: ProbeTask, cfg: DictConfig) -> tuple[dict, int
         else:
             stream = data.tokens
         feats[split] = cached_features(model.run, f"{task.source}_{split}", stream, data.positions, cfg.cache_dir,
-                                       batch_size=cfg.batch_size, device=cfg.device)
+                                       batch_size=cfg.batch_size, device=cfg.device, example_len=data.example_len)
     return feats, unknown
 
 

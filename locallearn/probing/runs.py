@@ -148,10 +148,48 @@ def _data_name(run: TrainedRun) -> str:
     return str(run.cfg.data.get("_target_", "")).rsplit(".", 1)[-1]
 
 
+# Keys of a task's data config that say how batches are drawn, not what the task is.
+_BATCHING = ("_target_", "batch_size", "block_size", "task_seed", "n_train", "seed", "val_windows", "val_seed")
+
+
+def run_task(run: TrainedRun):
+    """The synthetic task (:class:`locallearn.data.tasks.Task`) a run trained on, or None for a corpus."""
+    from hydra.utils import get_class
+
+    from locallearn.data.tasks import TaskDataModule
+
+    target = run.cfg.data.get("_target_")
+    cls = get_class(target) if target else None
+    if not (isinstance(cls, type) and issubclass(cls, TaskDataModule)):
+        return None
+    args = {k: v for k, v in run.cfg.data.items() if k not in _BATCHING}
+    return cls.task_class(int(run.cfg.data.block_size) + 1, **args)
+
+
+def _task_identity(run: TrainedRun) -> dict:
+    return {k: v for k, v in run.cfg.data.items() if k not in ("seed", "batch_size", "n_train", "val_windows")}
+
+
 def check_task(task: str, runs: list[TrainedRun]) -> None:
-    """The task must read the kind of data each run (and the reference) was trained on, of one grammar."""
+    """The task must read the kind of data each run (and the reference) was trained on, of one grammar or task."""
+    tasks = [run_task(r) for r in runs]
+    if any(t is not None for t in tasks):
+        for run, t in zip(runs, tasks):
+            if t is None:
+                raise ConfigError(f"{run.dir} was trained on {_data_name(run)}, the other runs on a synthetic task; "
+                                  f"probe runs of one data set at a time.")
+            if task not in t.label_classes:
+                raise ConfigError(f"task={task} is not a probe label of data={t.name} ({run.dir}); use one of "
+                                  f"{', '.join(t.label_classes)}.")
+        first = _task_identity(runs[0])
+        for run in runs[1:]:
+            if (diff := differences(first, _task_identity(run))):
+                raise ConfigError(f"{run.dir} was trained on another task than {runs[0].dir} (data.{diff[0]} "
+                                  f"differs); probe runs of one task at a time.")
+        return
     if task not in EWT_TASKS + SYNTHETIC_TASKS:
-        raise ConfigError(f"task={task} is unknown; use one of {', '.join(EWT_TASKS + SYNTHETIC_TASKS)}.")
+        raise ConfigError(f"task={task} is unknown; use one of {', '.join(EWT_TASKS + SYNTHETIC_TASKS)} (or a "
+                          f"task's probe label for runs trained on data=induction|mqar|khop).")
     for run in runs:
         synthetic = _data_name(run) == "SyntheticDataModule"
         if task in SYNTHETIC_TASKS and not synthetic:

@@ -9,6 +9,11 @@
   the token id, so a probe of it reads the embedding, not learned structure: it is kept as a
   *lexical control* only, and says so wherever it is reported.
 
+* tasks (``data=induction|mqar|khop``, see :mod:`locallearn.data.tasks`): the per-token labels of the
+  intermediate features a solution needs, on fresh examples of the run's task: ``prev_token`` and
+  ``seen_before`` (induction), ``pair_key`` and ``recall`` (mqar), ``hop1`` ... ``hop{k}`` (khop). Every
+  example is read as its own window, as in training.
+
 A control task (Hewitt & Liang 2019) gives every word type a fixed random label drawn from the task's
 label distribution: a probe that scores well on it memorizes word identity instead of reading syntax.
 """
@@ -39,12 +44,13 @@ class Split:
     positions: np.ndarray  # (N,) index in the stream of each word's last character / token
     labels: np.ndarray  # (N,) int label ids
     types: list[str]  # (N,) word type of each word, for the control task
+    example_len: int | None = None  # tasks: the stream is examples of this many tokens, each its own window
 
 
 @dataclass
 class ProbeTask:
     name: str
-    source: str  # "ewt" or "synthetic": which streams the task reads
+    source: str  # "ewt", "synthetic" or the task's name (e.g. "induction"): which streams the task reads
     classes: list[str]
     splits: dict[str, Split]
 
@@ -130,6 +136,31 @@ def synthetic_task(name: str, corpus_seed: int, words: dict[str, int]) -> ProbeT
     classes = {"agreement": list(NUMBERS[1:]), "role": list(ROLES[1:]), "category": list(CATEGORIES),
                "depth": [str(d) for d in range(grammar.max_depth + 1)]}[name]
     return ProbeTask(name, "synthetic", classes, splits)
+
+
+def task_labels(task) -> tuple[str, ...]:
+    """The probe labels a :class:`locallearn.data.tasks.Task` exports."""
+    return tuple(task.label_classes)
+
+
+def task_probe(name: str, task, task_seed: int, words: dict[str, int]) -> ProbeTask:
+    """Probe label ``name`` of a synthetic task on fresh examples (the run trained on seeds ``task_seed*2+1`` and
+    validated on ``*2+2``); ``words[split]`` labelled tokens at least, in whole examples."""
+    if name not in task.label_classes:
+        raise ConfigError(f"task={name} is not a probe label of data={task.name}; use one of "
+                          f"{', '.join(task_labels(task))}.")
+    T = task.length - 1  # the model reads an example's first T tokens, as in training
+    splits = {}
+    for i, split in enumerate(SPLITS):
+        probe_ex = task.generate(1, seed=task_seed * 2 + 10 + i)
+        per_example = max(int((probe_ex.labels[name][:, :T] >= 0).sum()), 1)
+        ex = task.generate(-(-words[split] // per_example), seed=task_seed * 2 + 10 + i)
+        tokens = ex.tokens[:, :T].reshape(-1).numpy()
+        flat = ex.labels[name][:, :T].reshape(-1).numpy()
+        positions = np.flatnonzero(flat >= 0)
+        splits[split] = Split(None, tokens, positions, flat[positions], [task.vocab[t] for t in tokens[positions]],
+                              example_len=T)
+    return ProbeTask(name, task.name, list(task.label_classes[name]), splits)
 
 
 def label_distribution(task: ProbeTask, split: str = "train") -> Counter:
