@@ -207,13 +207,16 @@ def end_to_end_for(group: Group, all_groups: list[Group], depth: int | None = No
     if group.chunks == 1 and depth is None:
         return None
     depth = blocks(group) if depth is None else depth
-    rest = {k: v for k, v in group.key if not under(k, LOCAL_KEYS) and k != "model.n_layer"}
+    rest = _settings(group)
     for g in all_groups:
-        d = dict(g.key)
-        if (g is not group and g.chunks == 1 and g.done and blocks(g) == depth
-                and {k: v for k, v in d.items() if not under(k, LOCAL_KEYS) and k != "model.n_layer"} == rest):
+        if g is not group and g.chunks == 1 and g.done and blocks(g) == depth and _settings(g) == rest:
             return g
     return None
+
+
+def _settings(group: Group) -> dict[str, str]:
+    """A group's overrides less the chunk settings and the depth (an end-to-end reference differs in those)."""
+    return {k: v for k, v in group.key if not under(k, LOCAL_KEYS) and k != "model.n_layer"}
 
 
 def table_rows(all_groups: list[Group]) -> list[dict]:
