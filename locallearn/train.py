@@ -226,16 +226,28 @@ def train(cfg: DictConfig) -> dict:
     summary = summary_cb.summary(run.trainer, run.module, "finished") if summary_cb else {}
     if summary.get("val_loss") and run.trainer.global_rank == 0:
         losses = ", ".join(f"{k} {v:.4f}" for k, v in summary["val_loss"].items())
-        if summary.get("answer_acc"):
-            ends = [c.end for c in run.module.net.plan]
-            accs = ", ".join(f"{k} (depth {d}) {v:.1%}" for (k, v), d in zip(summary["answer_acc"].items(), ends))
-            log.info("final answer accuracy: %s (chance %.1f%%)", accs, 100 * summary["chance"]["answer_acc"])
         log.info("final val loss: %s | %d steps in %.0f s, %.0f tokens/s | run dir: %s", losses, summary["steps"],
                  summary["wall_time_s"], summary["tokens_per_s"] or 0, run.output_dir)
+        if summary.get("answer_acc"):
+            for line in answers_by_depth(summary, [c.end for c in run.module.net.plan]):
+                log.info(line)
         command = end_to_end_command()
         if len(run.module.net) > 1 and command:
-            log.info("its end-to-end reference (same model, data, steps and seed): %s", command)
+            log.info("its end-to-end reference (same model, data, steps and seed): %s ; then compare the two: "
+                     "python analysis/compare.py %s <its run dir>", command, run.output_dir)
     return summary
+
+
+def answers_by_depth(summary: dict, ends: list[int]) -> list[str]:
+    """The closing lines of a run on a task: answer accuracy per chunk with its depth, and what depth bought."""
+    accs, chance = list(summary["answer_acc"].values()), summary["chance"]["answer_acc"]
+    lines = ["final answer accuracy: " + ", ".join(f"{k} (depth {d}) {v:.1%}" for (k, v), d in
+                                                   zip(summary["answer_acc"].items(), ends))
+             + f" (chance {chance:.1%})"]
+    if len(accs) > 1:
+        lines.append(f"what depth bought in this run: {accs[-1] - accs[0]:+.1%} answer accuracy from chunk 1 "
+                     f"({ends[0]} block(s), {accs[0]:.1%}) to the last chunk ({ends[-1]} blocks, {accs[-1]:.1%})")
+    return lines
 
 
 def end_to_end_command() -> str | None:

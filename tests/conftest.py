@@ -12,6 +12,8 @@ SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
 # Small enough for a CPU test in a second or two, big enough that chunks=1,2,4 all make sense.
 TINY = [
+    "data=synthetic",  # the default run trains 4 chunks on a task (data=induction); tests keep the former defaults
+    "chunks=2",
     "model=tiny",
     "data.n_train_tokens=20000",
     "data.n_val_tokens=4000",
@@ -28,12 +30,21 @@ TINY = [
 
 
 def tiny_overrides(overrides) -> list[str]:
-    """TINY, less the synthetic corpus sizes when another data set is chosen, and less the warmup when
-    a schedule without one is."""
-    other_data = any(o.startswith("data=") and o != "data=synthetic" for o in overrides)
+    """TINY, less the keys ``overrides`` set themselves, less the synthetic corpus sizes when another data set is
+    chosen, and less the warmup when a schedule without one is."""
+    overrides = [o.lstrip("+~") for o in overrides]
+    own = {o.split("=", 1)[0] for o in overrides}
+    if own & {"variant", "experiment", "chunking"}:  # these set chunks (and experiments data) themselves
+        own |= {"chunks", "data"} if "experiment" in own else {"chunks"}
+    other_data = "data" in own and "data=synthetic" not in overrides
     no_warmup = any(o.startswith("schedule=") and o != "schedule=cosine" for o in overrides)
-    return [o for o in TINY if not (other_data and o.startswith("data.n_"))
+    return [o for o in TINY if o.split("=", 1)[0] not in own and not (other_data and o.startswith("data.n_"))
             and not (no_warmup and o.startswith("schedule.warmup_steps"))]
+
+
+def tiny_args(*args: str) -> list[str]:
+    """A run.py command line's arguments made tiny: ``tiny_overrides(args)`` first, so that ``args`` win."""
+    return [*tiny_overrides(a for a in args if not a.startswith("-")), *args]
 
 
 def compose_config(output_dir: Path, *overrides: str):

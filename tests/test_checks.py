@@ -51,7 +51,8 @@ def run_options():
     for group in RUN_GROUPS:
         for option in sorted((CONF_DIR / group).rglob("*.yaml")):  # experiment=depth_benefit/induction too
             choice = [f"{group}={option.relative_to(CONF_DIR / group).with_suffix('').as_posix()}"]
-            for key in _leaves(_compose("config", choice)):
+            tests_data = [] if group == "data" else ["data=synthetic"]  # the data compose_config (TINY) gives
+            for key in _leaves(_compose("config", [*tests_data, *choice])):
                 seen.setdefault(key, choice)
     return seen
 

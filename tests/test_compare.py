@@ -12,7 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from locallearn.compare import collect, groups, table_rows, write_report
 from locallearn.config import PROJECT_ROOT
-from tests.conftest import TINY
+from tests.conftest import tiny_args
 
 
 def even_plan(K: int, blocks: int = 4) -> list[list[int]]:
@@ -105,7 +105,7 @@ def test_one_seed_has_no_std(tmp_path):
 
 def test_a_failed_job_does_not_stop_the_sweep_and_is_reported(tmp_path):
     """chunks=9 is refused on the 4-block model; the sweep still runs chunks=1, and the report lists the failure."""
-    cmd = [sys.executable, "run.py", "-m", "chunks=9,1", *TINY, f"paths.log_dir={tmp_path}"]
+    cmd = [sys.executable, "run.py", "-m", *tiny_args("chunks=9,1"), f"paths.log_dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr  # the sweep finished; the refused job is recorded, not fatal
     assert "error: chunks=9 exceeds model.n_layer=4" in proc.stderr
@@ -125,7 +125,7 @@ def test_a_failed_job_does_not_stop_the_sweep_and_is_reported(tmp_path):
 
 def test_a_job_that_crashes_while_training_leaves_the_others_and_its_record(tmp_path):
     cmd = [sys.executable, "run.py", "-m", "+callbacks.crash._target_=tests.conftest.CrashAt",
-           "+callbacks.crash.step=2,1000", *TINY, f"paths.log_dir={tmp_path}"]  # step 1000: never reached
+           "+callbacks.crash.step=2,1000", *tiny_args(), f"paths.log_dir={tmp_path}"]  # step 1000: never reached
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "planted failure at step 2" in proc.stderr  # Hydra reports it at the end
     (sweep_dir,) = (tmp_path / "multiruns").iterdir()

@@ -57,19 +57,32 @@ def test_each_variant_builds(make_cfg, variant, chunks, trained):
         assert run.module.switch.at == 0.8
 
 
+DEPTH_BENEFIT = {"induction": ("InductionDataModule", 64), "shakespeare": ("TextDataModule", 128)}
+
+
+@pytest.mark.parametrize("recipe", sorted(DEPTH_BENEFIT))
 @pytest.mark.parametrize("variant, chunks, n_layer", [
     ("end_to_end", 1, 4), ("shallow2", 1, 2), ("shallow1", 1, 1), ("chunks2", 2, 4), ("chunked", 4, 4),
     ("overlap", 4, 4), ("block_head", 4, 4), ("switch", 4, 4),
 ])
-def test_depth_benefit_variants_win_over_the_experiments_base(variant, chunks, n_layer):
+def test_depth_benefit_variants_win_over_the_experiments_base(recipe, variant, chunks, n_layer):
     # variant comes after experiment in the defaults: the shallow references keep their depth under the recipe
-    cfg = compose_with_hydra("experiment=depth_benefit/induction", f"variant={variant}")
+    cfg = compose_with_hydra(f"experiment=depth_benefit/{recipe}", f"variant={variant}")
     assert (cfg.chunks, cfg.model.n_layer) == (chunks, n_layer)
-    assert cfg.data._target_.endswith("InductionDataModule") and cfg.model.n_embd == 64
+    data, width = DEPTH_BENEFIT[recipe]
+    assert cfg.data._target_.endswith(data) and cfg.model.n_embd == width
 
 
-def test_depth_benefit_recipe_sweeps_both_references_every_variant_and_three_seeds():
-    params = compose_with_hydra("experiment=depth_benefit/induction").hydra.sweeper.params
+@pytest.mark.parametrize("recipe", sorted(DEPTH_BENEFIT))
+def test_depth_benefit_recipe_sweeps_both_references_every_variant_and_three_seeds(recipe):
+    params = compose_with_hydra(f"experiment=depth_benefit/{recipe}").hydra.sweeper.params
     assert params.variant.split(",") == ["end_to_end", "shallow2", "shallow1", "chunks2", "chunked", "overlap",
                                          "block_head", "switch"]
     assert params.seed == "0,1,2"
+
+
+def test_the_default_run_trains_four_one_block_chunks_on_a_task_with_answers():
+    # README "Quick start": python run.py ends with answer accuracy at depths 1 to 4
+    cfg = compose_with_hydra()
+    assert cfg.data._target_.endswith("InductionDataModule") and cfg.chunks == 4 and cfg.model.n_layer == 4
+    assert cfg.data.block_size <= cfg.model.block_size

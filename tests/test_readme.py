@@ -58,7 +58,8 @@ def tiny(args: list[str]) -> list[str]:
     """Tiny overrides for a run.py (or lr_range_test.py) command line: the test's TINY, less what its data set or
     schedule lacks, one seed in sweeps, and two Optuna trials."""
     data, schedule = _data_target(args)
-    keep = [o for o in TINY if (data.endswith("SyntheticDataModule") or not o.startswith("data.n_"))
+    keep = [o for o in TINY if not o.startswith(("data=", "chunks="))  # the README's commands run on its defaults
+            and (data.endswith("SyntheticDataModule") or not o.startswith("data.n_"))
             and (schedule.endswith("warmup_cosine") or not o.startswith("schedule.warmup"))]
     if data.rsplit(".", 1)[-1] in ("InductionDataModule", "MQARDataModule", "KHopDataModule"):
         keep += ["data.block_size=24", "model.block_size=24"]  # the tasks' own example length, in model=tiny
@@ -100,10 +101,14 @@ class Workspace:
             "<end-to-end run dir>": lambda: self.job(sweep("data=ewt"), 1),
             "<run dir>": lambda: self.job(sweep("data=ewt"), 4),
             "<synthetic run or sweep>": lambda: sweep("chunks=1,2,4"),
-            "<induction sweep>": lambda: sweep("experiment=depth_benefit"),
-            "logs/multiruns/<date>_<time>_experiment=depth_benefit-induction": lambda: sweep("depth_benefit"),
-            "<K=4 run>": lambda: self.job(sweep("depth_benefit"), 4),
-            "<its end-to-end run>": lambda: self.job(sweep("depth_benefit"), 1),
+            "<induction sweep>": lambda: sweep("depth_benefit-induction"),
+            "logs/multiruns/<date>_<time>_experiment=depth_benefit-induction": lambda: sweep("depth_benefit-induction"),
+            "logs/multiruns/<date>_<time>_experiment=depth_benefit-shakespeare":
+                lambda: sweep("depth_benefit-shakespeare"),
+            "<K=4 run>": lambda: self.job(sweep("depth_benefit-induction"), 4),
+            "<its end-to-end run>": lambda: self.job(sweep("depth_benefit-induction"), 1),
+            "<Shakespeare K=4 run>": lambda: self.job(sweep("depth_benefit-shakespeare"), 4),
+            "<its Shakespeare end-to-end run>": lambda: self.job(sweep("depth_benefit-shakespeare"), 1),
             "/path/to/corpus.txt": lambda: self.corpus,
             "<partition>": lambda: "debug", " <overrides>": lambda: "", "chunks=K": lambda: "chunks=2",
         }

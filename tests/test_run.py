@@ -106,7 +106,7 @@ def test_shakespeare_preset_reads_the_shared_corpus(make_cfg):
 
 
 def test_multirun_from_the_command_line(tmp_path):
-    cmd = [sys.executable, "run.py", "-m", "chunks=1,2", "model=tiny", "data.n_train_tokens=20000",
+    cmd = [sys.executable, "run.py", "-m", "chunks=1,2", "model=tiny", "data=synthetic", "data.n_train_tokens=20000",
            "data.n_val_tokens=4000", "data.val_windows=16", "trainer.max_steps=4", "trainer.val_check_interval=2",
            "schedule.warmup_steps=1", "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}"]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
@@ -132,7 +132,11 @@ def test_a_local_run_on_a_task_ends_with_its_answers_by_depth_and_its_end_to_end
     log = done.stdout + done.stderr
     assert re.search(r"final answer accuracy: chunk1 \(depth 2\) [\d.]+%, chunk2 \(depth 4\) [\d.]+% \(chance 5\.0%\)",
                      log), log[-2000:]
+    assert re.search(r"what depth bought in this run: [+-][\d.]+% answer accuracy from chunk 1 \(2 block\(s\), "
+                     r"[\d.]+%\) to the last chunk \(4 blocks, [\d.]+%\)", log), log[-2000:]
     line = next(x for x in log.splitlines() if "its end-to-end reference" in x)
-    command = line.split(": ", 1)[1]
+    command, compare = line.split(": ", 1)[1].split(" ; then compare the two: ")
     assert command.startswith("python run.py data=induction model=tiny") and command.endswith(" chunks=1")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert compare == f"python analysis/compare.py {run_dir} <its run dir>"
     assert "chunks=2" not in command and "overlap=1" not in command and "paths.log_dir" in command

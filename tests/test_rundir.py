@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY
+from conftest import tiny_args
 from omegaconf import OmegaConf
 
 from locallearn.config import PROJECT_ROOT
@@ -27,7 +27,7 @@ def snapshot(directory: Path) -> dict:
 
 
 def run_py(*args, log_dir: Path, env=None, timeout=300):
-    cmd = [sys.executable, "run.py", *TINY, *args, f"paths.log_dir={log_dir}"]
+    cmd = [sys.executable, "run.py", *tiny_args(*args), f"paths.log_dir={log_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 

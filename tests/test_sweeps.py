@@ -7,7 +7,7 @@ import sys
 import yaml
 
 from locallearn.config import PROJECT_ROOT
-from tests.conftest import TINY
+from tests.conftest import TINY, tiny_args
 
 
 def run_py(*args, timeout=300):
@@ -46,7 +46,7 @@ def test_a_refused_trial_does_not_abort_the_study(tmp_path):
 
 
 def test_submitit_local_multirun_writes_every_summary(tmp_path):
-    proc = run_py("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "chunks=1,2", *TINY,
+    proc = run_py("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", *tiny_args("chunks=1,2"),
                   f"paths.log_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     summaries = sorted((tmp_path / "multiruns").glob("*/*/summary.json"))
