@@ -107,8 +107,6 @@ class Workspace:
                 lambda: sweep("depth_benefit-shakespeare"),
             "<K=4 run>": lambda: self.job(sweep("depth_benefit-induction"), 4),
             "<its end-to-end run>": lambda: self.job(sweep("depth_benefit-induction"), 1),
-            "<Shakespeare K=4 run>": lambda: self.job(sweep("depth_benefit-shakespeare"), 4),
-            "<its Shakespeare end-to-end run>": lambda: self.job(sweep("depth_benefit-shakespeare"), 1),
             "/path/to/corpus.txt": lambda: self.corpus,
             "<partition>": lambda: "debug", " <overrides>": lambda: "", "chunks=K": lambda: "chunks=2",
         }
