@@ -1,6 +1,6 @@
 """Train a transformer cut into locally trained chunks.
 
-    python run.py                      # defaults: synthetic data, model=small, chunks=2
+    python run.py                      # defaults: the induction task, model=small, chunks=4
     python run.py chunks=4 mode=sequential data=shakespeare
     python run.py -m chunks=1,2,4      # a multirun; chunks=1 is end-to-end backprop
 """
@@ -15,13 +15,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import locallearn  # noqa: F401  (registers the ${ll.*} resolvers conf/ uses)
-from locallearn.config import prepare_command_line
+from locallearn.cli import composed_config, prepare_command_line
 from locallearn.errors import ConfigError, OutputError, PipelineError, TrainingDiverged
-from locallearn.train import record_config_error, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from locallearn.train import record_config_error, train  # here: --help and bad options need no Lightning
+
     try:
         summary = train(cfg)
     except ConfigError as e:
@@ -54,9 +55,11 @@ def objective(summary: dict) -> float | None:
 PATH_KEYS = ("ckpt_path", "resume", "data.path", "paths.log_dir", "paths.data_dir", "hydra.run.dir", "hydra.sweep.dir")
 
 if __name__ == "__main__":
-    if os.environ.get("RANK", "0") != "0" and "mode=pipeline" in sys.argv:
+    # The mode is the composed config's (an experiment or variant file may set it), as in every other process.
+    if os.environ.get("RANK", "0") != "0" and (composed_config(sys.argv[1:], PATH_KEYS) or {}).get("mode") == \
+            "pipeline":
         # torchrun rank > 0 of a pipeline run: rank 0 sends the config; no Hydra run directory of its own
-        from locallearn.pipeline import worker_from_env
+        from locallearn.pipeline.worker import worker_from_env
 
         worker_from_env()
         sys.exit(0)

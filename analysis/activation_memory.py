@@ -17,12 +17,13 @@ from locallearn.atomic import write_json
 from locallearn.chunked import ChunkedGPT
 from locallearn.chunking import ChunkPlan
 from locallearn.config import compose_run_config
-from locallearn.execution import MODES
+from locallearn.execution import joint_backward, sequential_backward
 from locallearn.heads import LinearHead
 from locallearn.memory import SavedTensorMeter
 from locallearn.model import GPT, GPTConfig
 from locallearn.objectives import CausalLM
 
+BACKWARD = {"joint": joint_backward, "sequential": sequential_backward}  # pipeline: per process, sequential's
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
@@ -33,7 +34,7 @@ def measure(cfg: GPTConfig, chunks: int, mode: str, batch: int, seed: int = 0) -
     objective = CausalLM()
     prepared = objective.prepare(x)
     with SavedTensorMeter(net.parameters()) as meter:
-        MODES[mode](net, prepared.idx, lambda k, h, logits: objective.loss(logits, h, prepared),
+        BACKWARD[mode](net, prepared.idx, lambda k, h, logits: objective.loss(logits, h, prepared),
                     lambda loss: loss.backward(), [1.0] * chunks)
     return meter.peak
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from locallearn.atomic import write_text
+from locallearn.build import quiet_lightning
 from locallearn.config import PROJECT_ROOT, compose_run_config
-from locallearn.train import build, quiet_lightning
+from locallearn.train import build
 
 DATA = ["synthetic", "mqar", "induction", "khop"]
 

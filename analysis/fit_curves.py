@@ -24,9 +24,9 @@ from pathlib import Path
 
 from locallearn import loss_plots
 from locallearn.atomic import atomic_open, write_text
-from locallearn.compare import report_dir
 from locallearn.curve_fit import fit_runs, gap_crossing, reference_for
 from locallearn.errors import ConfigError
+from locallearn.sweeps import report_dir
 
 
 def _name(run_fits) -> str:

@@ -22,12 +22,13 @@ from torch.utils.tensorboard import SummaryWriter
 import locallearn  # noqa: F401  (registers the ${ll.*} resolvers conf/ uses)
 from locallearn import loss_plots
 from locallearn.atomic import atomic_open, write_json
+from locallearn.build import quiet_lightning
 from locallearn.checks import LR_RANGE, check_config
-from locallearn.config import prepare_command_line
+from locallearn.cli import prepare_command_line
 from locallearn.errors import ConfigError
 from locallearn.lr_range import RangeSettings, run
 from locallearn.rundir import save_hydra_files
-from locallearn.train import build, quiet_lightning
+from locallearn.train import build
 
 log = logging.getLogger("locallearn.lr_range")
 

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import locallearn  # noqa: F401  (registers the ${ll.*} resolvers conf/ uses)
-from locallearn.config import prepare_command_line
+from locallearn.cli import prepare_command_line
 from locallearn.errors import ConfigError
 from locallearn.probing.report import probe_runs
 

@@ -24,10 +24,11 @@ import time
 import lightning as L
 import torch
 
+from locallearn.build import quiet_lightning
 from locallearn.config import compose_run_config
-from locallearn.execution import get_step
-from locallearn.memory import SavedTensorMeter
-from locallearn.train import build, quiet_lightning
+from locallearn.execution import update
+from locallearn.memory import metered
+from locallearn.train import build
 
 BENCH_OVERRIDES = [
     "++trainer.limit_val_batches=0",
@@ -73,14 +74,13 @@ def measure(overrides: list[str], steps: int, warmup: int, threads: int | None =
         try:
             run.trainer.fit(run.module, datamodule=run.datamodule)
         finally:
-            if hasattr(run.module, "shutdown"):
-                run.module.shutdown()
+            run.module.shutdown()
         module = run.module
         times = [b - a for a, b in zip(clock.starts[warmup:], clock.starts[warmup + 1:])]
         step_s = statistics.median(times)
         tokens = run.datamodule.tokens_per_batch
         per_process = module.process_activation_bytes
-        rss = [_rss_bytes()] + [r for r in getattr(module, "worker_rss", [])[1:] if r]
+        rss = [_rss_bytes()] + module.strategy.worker_rss_bytes()
         return {
             "overrides": overrides, "chunks": len(module.net), "mode": module.mode, "steps": steps,
             "step_ms": 1000 * step_s, "step_ms_mean": 1000 * statistics.mean(times),
@@ -105,30 +105,17 @@ def measure_bare(overrides: list[str], steps: int, warmup: int, threads: int | N
     net = module.net.to(device).train()
     opt = module.optimizer_factory(module.param_groups())
     sched = module.scheduler_factory(opt, total_steps=warmup + steps) if module.scheduler_factory else None
-    step_fn = get_step(module.mode)
     run.datamodule.setup("fit")
     batches = iter(run.datamodule.train_dataloader())
-    starts, meter_peak = [], None
+    starts, peaks = [], []
     for step in range(warmup + steps):
         starts.append(time.perf_counter())
         batch = next(batches).to(device)
-        prepared = module.objective.prepare(batch, module._generator(step, train=True))
-        opt.zero_grad(set_to_none=True)
-
-        def loss_fn(k, h, logits, prepared=prepared):
-            return module._loss(k, h, logits, prepared)
-
-        meter = SavedTensorMeter(net.parameters()) if step == 0 else None
-        if meter:
-            meter.__enter__()
-        step_fn(net, prepared.idx, loss_fn, lambda loss: loss.backward(), module.loss_weights)
-        if meter:
-            meter.__exit__(None, None, None)
-            meter_peak = meter.peak
-        module._clip()
-        opt.step()
-        if sched is not None:
-            sched.step()
+        prepared = module.objective.prepare(batch, module.mask_generator(step, train=True))
+        backward_pass = module.backward_pass(prepared)
+        if step == 0:
+            backward_pass = metered(backward_pass, net.parameters(), peaks.append)
+        update(opt, net, range(len(net)), backward_pass, step, module.grad_clip, sched)
         if device.type == "cuda":
             torch.cuda.synchronize()
     starts.append(time.perf_counter())
@@ -137,7 +124,7 @@ def measure_bare(overrides: list[str], steps: int, warmup: int, threads: int | N
     tokens = run.datamodule.batch_size * run.datamodule.block_size
     return {"overrides": overrides, "chunks": len(net), "mode": f"bare {module.mode}", "steps": steps,
             "step_ms": 1000 * step_s, "step_ms_mean": 1000 * statistics.mean(times), "tokens_per_s": tokens / step_s,
-            "tokens_per_step": tokens, "activation_bytes": meter_peak, "activation_bytes_per_process": [meter_peak],
+            "tokens_per_step": tokens, "activation_bytes": peaks[0], "activation_bytes_per_process": peaks,
             "cuda_peak_allocated_bytes": (torch.cuda.max_memory_allocated() if device.type == "cuda" else None),
             "peak_rss_bytes": _rss_bytes(), "peak_rss_bytes_per_process": [_rss_bytes()],
             "aux_head_flop_share": _aux_flop_share(net.flops_per_token(net.gpt.config.block_size)),

@@ -105,3 +105,18 @@ def check_compatible(path, config: dict, state_dict: dict) -> None:
         what = shapes[0] if shapes else f"{len(missing)} tensor(s) such as {missing[0]} in only one of them"
         raise ConfigError(f"ckpt_path={path} does not fit this model ({what}); it was made by a run with other "
                           f"data or code, so train without ckpt_path.")
+
+
+def rng_state() -> dict:
+    """The random state a resumed run needs to draw what the uninterrupted one would (dropout masks)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

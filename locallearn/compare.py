@@ -1,222 +1,19 @@
-"""Sweep reports: group runs by their overrides except the seed, and compare each group with end-to-end.
+"""Sweep reports: each group of runs (its overrides except the seed) against its end-to-end reference.
 
-:func:`collect` reads run and multirun directories (``summary.json``, ``.hydra/overrides.yaml`` and the
-TensorBoard validation curve of each run), :func:`groups` aggregates over seeds, :func:`write_report`
-writes ``compare.md``, ``compare.csv`` and the figures. ``analysis/compare.py`` is the command line.
-A failed or unfinished run never stops a report: it is listed with its status.
+:func:`write_report` writes ``compare.md``, ``compare.csv``, ``runs.csv`` and the figures (the runs are read by
+:mod:`locallearn.sweeps`); ``analysis/compare.py`` is the command line. A failed or unfinished run never stops
+a report: it is listed with its status.
 """
 
 import csv
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import mean, stdev
 
-import yaml
-
+from locallearn import depth_benefit
 from locallearn.atomic import atomic_open, write_text
-from locallearn.errors import ConfigError
-
-# Overrides that do not change what a run computes (or are the seed itself): not part of a group's identity.
-IGNORED = ("seed", "trainer.enable_progress_bar", "ckpt_path", "paths", "hydra")
-# Overrides that say how a model is cut into chunks: the matching end-to-end group differs in these only.
-LOCAL_KEYS = ("chunks", "chunking", "overlap", "head", "loss_weights", "switch", "mode", "variant")
-
-
-def under(key: str, names) -> bool:
-    """Whether ``key`` is one of ``names`` or inside one of them ("switch.at" is under "switch")."""
-    return any(key == n or key.startswith(n + ".") or key.startswith(n + "/") for n in names)
-
-
-@dataclass
-class RunRecord:
-    dir: Path
-    overrides: dict[str, str]  # key -> value, as given on the command line (or by an experiment)
-    status: str  # "finished", "failed: ...", or "unfinished" (no summary.json yet)
-    summary: dict = field(default_factory=dict)
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, last chunk's val loss)
-    answer_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, its answer accuracy): tasks
-
-    @property
-    def finished(self) -> bool:
-        return self.status == "finished" and bool(self.summary.get("val_loss"))
-
-    @property
-    def seed(self):
-        return self.summary.get("config", {}).get("seed", self.overrides.get("seed"))
-
-
-def report_dir(first: Path, name: str) -> Path:
-    """Where a report of ``first`` goes by default: ``<multirun dir>/<name>``, or beside a single run
-    (``<run dir>_<name>``), never inside a run directory (a run directory changes only through its run)."""
-    first = Path(first)
-    return first.with_name(f"{first.name}_{name}") if _is_run(first) else first / name
-
-
-def _is_run(path: Path) -> bool:
-    return (path / ".hydra").is_dir() or (path / "summary.json").is_file()
-
-
-def collect(paths) -> list[RunRecord]:
-    """Every run in ``paths`` (run directories, or multirun directories holding job directories)."""
-    records = []
-    for path in map(Path, paths):
-        if not path.is_dir():
-            raise ConfigError(f"{path} is not a directory; pass run or multirun directories.")
-        dirs = [path] if _is_run(path) else sorted((p for p in path.iterdir() if p.is_dir() and _is_run(p)),
-                                                    key=job_order)
-        if not dirs:
-            raise ConfigError(f"{path} holds no run (no summary.json or .hydra/ in it or in its subdirectories); "
-                              f"pass a run directory or a multirun directory.")
-        records += [read_run(d) for d in dirs]
-    return records
-
-
-def job_order(p: Path):
-    """Sweep jobs in their order (``<num>_<overrides>``), then other directories by name."""
-    head = p.name.split("_", 1)[0]
-    return (int(head), p.name) if head.isdigit() else (1 << 30, p.name)
-
-
-def read_run(run_dir: Path) -> RunRecord:
-    overrides = {}
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if path.is_file():
-        for item in yaml.safe_load(path.read_text()) or []:
-            key, _, value = item.lstrip("+~").partition("=")
-            if not under(key, IGNORED):
-                overrides[key] = value
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        return RunRecord(run_dir, overrides, "unfinished")
-    try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as e:
-        return RunRecord(run_dir, overrides, f"failed: unreadable summary.json ({e.msg})")
-    curves = read_curves(run_dir, ("val/loss", "val/answer_acc"))
-    return RunRecord(run_dir, overrides, summary.get("status", "unfinished"), summary, curves["val/loss"],
-                     curves["val/answer_acc"])
-
-
-def read_curves(run_dir: Path, tags=("val/loss",)) -> dict[str, list[tuple[int, float]]]:
-    """Tag -> (step, value) of scalars in the run's TensorBoard events (empty for a tag the run never logged)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    points = {tag: {} for tag in tags}
-    for events in sorted((run_dir / "tb").rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in set(tags) & set(acc.Tags().get("scalars", [])):
-            points[tag].update({e.step: e.value for e in acc.Scalars(tag)})  # a resumed run: later files win
-    return {tag: sorted(p.items()) for tag, p in points.items()}
-
-
-def read_curve(run_dir: Path, tag: str = "val/loss") -> list[tuple[int, float]]:
-    """(step, value) of one scalar in the run's TensorBoard events (the last chunk's val loss by default)."""
-    return read_curves(run_dir, (tag,))[tag]
-
-
-def group_key(overrides: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted(overrides.items()))
-
-
-def label(key, common=()) -> str:
-    return " ".join(f"{k}={v}" for k, v in key if (k, v) not in common) or "(defaults)"
-
-
-def common_items(all_groups) -> set:
-    """Overrides shared by every group: said once above a table instead of on every row."""
-    if len(all_groups) < 2:
-        return set()
-    return set.intersection(*(set(g.key) for g in all_groups))
-
-
-@dataclass
-class Group:
-    key: tuple
-    runs: list[RunRecord]
-
-    @property
-    def done(self) -> list[RunRecord]:
-        return [r for r in self.runs if r.finished]
-
-    @property
-    def chunks(self) -> int:
-        return len(self.done[0].summary["val_loss"]) if self.done else int(dict(self.key).get("chunks", 0) or 0)
-
-    def stat(self, fn) -> tuple[float, float] | None:
-        """Mean and standard deviation over seeds of ``fn(summary)`` (std is nan with one seed)."""
-        values = [v for v in (fn(r.summary) for r in self.done) if v is not None]
-        if not values:
-            return None
-        return mean(values), (stdev(values) if len(values) > 1 else math.nan)
-
-    def chunk_losses(self) -> list[tuple[float, float]]:
-        if not self.done:
-            return []
-        return [self.stat(lambda s, k=k: s["val_loss"].get(f"chunk{k + 1}")) for k in range(self.chunks)]
-
-    def last(self) -> tuple[float, float] | None:
-        return self.stat(lambda s: list(s["val_loss"].values())[-1])
-
-    def steps_to(self, accuracy: float) -> int | None:
-        """The first validation step at which the mean answer accuracy over seeds reaches ``accuracy`` (tasks)."""
-        curves = [dict(r.answer_curve) for r in self.done if r.answer_curve]
-        if not curves:
-            return None
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
-        return next((s + 1 for s in steps if mean(c[s] for c in curves) >= accuracy), None)
-
-    def chunk_answer_acc(self) -> list[tuple[float, float] | None]:
-        """Mean and std over seeds of each chunk's answer accuracy (tasks; empty for corpora)."""
-        if not self.done or not self.done[0].summary.get("answer_acc"):
-            return []
-        return [self.stat(lambda s, k=k: (s.get("answer_acc") or {}).get(f"chunk{k + 1}")) for k in range(self.chunks)]
-
-
-def groups(records: list[RunRecord]) -> list[Group]:
-    by_key: dict[tuple, list[RunRecord]] = {}
-    for r in records:
-        by_key.setdefault(group_key(r.overrides), []).append(r)
-    return sorted((Group(k, v) for k, v in by_key.items()), key=lambda g: (_sortable(g.key)))
-
-
-def _sortable(key):
-    return tuple((k, (0, float(v), "") if _is_number(v) else (1, 0.0, v)) for k, v in key)
-
-
-def _is_number(v: str) -> bool:
-    try:
-        float(v)
-        return True
-    except ValueError:
-        return False
-
-
-def blocks(group: Group) -> int | None:
-    """Blocks of the model the group trains (from its summaries)."""
-    layers = group.done[0].summary.get("layers") if group.done else None
-    return sum(len(c) for c in layers) if layers else None
-
-
-def end_to_end_for(group: Group, all_groups: list[Group], depth: int | None = None) -> Group | None:
-    """The group with the same settings but no local learning (chunks=1 and none of the chunk settings) and a
-    model of ``depth`` blocks (default: the group's own; a variant may set the depth, so it is read from the
-    summaries, not from the overrides)."""
-    if group.chunks == 1 and depth is None:
-        return None
-    depth = blocks(group) if depth is None else depth
-    rest = _settings(group)
-    for g in all_groups:
-        if g is not group and g.chunks == 1 and g.done and blocks(g) == depth and _settings(g) == rest:
-            return g
-    return None
-
-
-def _settings(group: Group) -> dict[str, str]:
-    """A group's overrides less the chunk settings and the depth (an end-to-end reference differs in those)."""
-    return {k: v for k, v in group.key if not under(k, LOCAL_KEYS) and k != "model.n_layer"}
+from locallearn.compare_plots import plot_all
+from locallearn.sweeps import Group, RunRecord, collect, common_items, end_to_end_for, group_key, groups, label
 
 
 def table_rows(all_groups: list[Group]) -> list[dict]:
@@ -252,8 +49,6 @@ def _pm(mean_std, digits=4) -> str:
 
 
 def markdown(all_groups: list[Group], records: list[RunRecord]) -> str:
-    from locallearn import depth_benefit
-
     rows = table_rows(all_groups)
     common = common_items(all_groups)
     answers = any(r["answer_acc_per_chunk"] for r in rows)
@@ -291,8 +86,6 @@ def markdown(all_groups: list[Group], records: list[RunRecord]) -> str:
 
 def write_report(paths, out_dir) -> tuple[list[Group], list[RunRecord]]:
     """Read every run under ``paths``; write compare.md, compare.csv and the figures into ``out_dir``."""
-    from locallearn.compare_plots import plot_all
-
     records = collect(paths)
     all_groups = groups(records)
     out = Path(out_dir)

@@ -8,8 +8,9 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from locallearn import depth_benefit  # noqa: E402
 from locallearn.atomic import save_figure  # noqa: E402
-from locallearn.compare import Group, common_items, label  # noqa: E402
+from locallearn.sweeps import Group, common_items, label  # noqa: E402
 
 
 def _namer(all_groups):
@@ -120,8 +121,6 @@ def kept_by_chunks(rows, name, path: Path) -> Path:
 
 
 def plot_all(all_groups: list[Group], out: Path) -> dict[str, Path]:
-    from locallearn import depth_benefit
-
     out = Path(out)
     figures = {"val_curves": val_curves(all_groups, out / "val_curves.png"),
                "loss_by_depth": loss_by_depth(all_groups, out / "loss_by_depth.png"),

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares
 
+from locallearn.sweeps import LOCAL_KEYS, RunRecord, collect, read_curve, under
+
 MIN_POINTS = 5  # three parameters and at least two degrees of freedom
 LR_TOLERANCE = 0.05  # an LR whose range over the fitted steps exceeds this fraction of its peak is not constant
 
@@ -225,7 +227,7 @@ def gap_crossing(local: PowerLaw, e2e: PowerLaw, tol: float, t_from: float, t_to
 class RunFits:
     """The fits of one run's per-chunk val curves."""
 
-    run: object  # a compare.RunRecord
+    run: RunRecord
     curves: dict  # chunk -> (steps, values)
     fits: dict  # chunk -> PowerLaw, or the message saying why it could not be fitted
     predict_at: int
@@ -234,7 +236,6 @@ class RunFits:
 def fit_runs(paths, predict_at: int | None = None) -> list[RunFits]:
     """Fit every chunk's val curve of every run under ``paths`` (runs or multiruns), each judged for
     extrapolation by the LR its chunk logged (``train/lr/chunk{k}``)."""
-    from locallearn.compare import collect, read_curve
 
     def columns(points):
         return [s for s, _ in points], [v for _, v in points]
@@ -256,7 +257,6 @@ def fit_runs(paths, predict_at: int | None = None) -> list[RunFits]:
 
 def reference_for(run: RunFits, candidates: list[RunFits]) -> RunFits | None:
     """The end-to-end run (chunks=1) with the same overrides, seed included, but for the chunk settings."""
-    from locallearn.compare import LOCAL_KEYS, under
 
     def rest(r):
         return {k: v for k, v in r.run.overrides.items() if not under(k, LOCAL_KEYS)}

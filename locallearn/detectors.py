@@ -6,10 +6,45 @@ findings with causes and remedies, using what the run knows.
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
+from locallearn.errors import ConfigError
+
 Curve = tuple[list[int], list[float]]  # (steps, values)
+
+
+@dataclass
+class Thresholds:
+    """The detectors' settings (``callbacks.diagnostics.*`` in the config)."""
+
+    diverge_ratio: float = 1.5  # divergence: smoothed train loss above this x the chunk's starting loss
+    diverge_window: int = 20  # steps in the median that smooths the train loss for the divergence test
+    spike_z: float = 6.0  # spike: robust z-score above this
+    spike_window: int = 50  # earlier steps the z-score's median and MAD are taken over
+    plateau_evals: int = 3  # plateau / overfitting: evaluations looked at
+    plateau_rel: float = 0.002  # plateau: best val loss improved by less than this fraction over plateau_evals
+    underfit_margin: float = 0.05  # underfitting: train loss above (1 - margin) x unigram entropy after warmup
+    rise_window: int = 100  # rising loss: steps per window whose median train loss is compared
+    rise_rel: float = 0.02  # rising loss: medians above this fraction over the best earlier one, 2 windows running
+
+
+def check_thresholds(th: Thresholds):
+    """Raise a one-sentence ConfigError for a threshold that cannot work."""
+    rules = [("diverge_ratio", th.diverge_ratio > 1, "above 1 (a multiple of the starting loss)"),
+             ("diverge_window", th.diverge_window >= 1, "at least 1"),
+             ("spike_z", th.spike_z > 0, "positive"),
+             ("spike_window", th.spike_window >= 10, "at least 10 (steps the median and MAD are taken over)"),
+             ("plateau_evals", th.plateau_evals >= 1, "at least 1"),
+             ("plateau_rel", th.plateau_rel >= 0, "at least 0"),
+             ("underfit_margin", 0 <= th.underfit_margin < 1, "in [0, 1)"),
+             ("rise_window", th.rise_window >= 10, "at least 10"),
+             ("rise_rel", th.rise_rel > 0, "positive")]
+    for name, ok, expected in rules:
+        if not ok:
+            raise ConfigError(f"callbacks.diagnostics.{name}={getattr(th, name)} must be {expected}.")
+
 
 
 def robust_z(values, window: int) -> np.ndarray:
@@ -146,3 +181,49 @@ def underfitting(train: Curve, baseline: float, after_step: int, margin: float =
     if mean < (1 - margin) * baseline:
         return None
     return int(ts[tail][0]), int(ts[-1]), mean
+
+
+# -- online divergence test --------------------------------------------------------------------------
+
+class DivergenceWatch:
+    """Fed one loss per chunk and step; says when a chunk diverges (see :func:`check`)."""
+
+    def __init__(self, ratio: float = 1.5, window: int = 20, start_steps: int = 10):
+        self.ratio, self.window, self.start_steps = ratio, window, start_steps
+        self.recent: dict[int, list[float]] = {}
+        self.start: dict[int, float] = {}
+
+    def check(self, chunk: int, loss: float) -> str | None:
+        """The evidence if chunk ``chunk`` has diverged with this loss, else None."""
+        if not math.isfinite(loss):
+            return f"train loss is {loss}"
+        recent = self.recent.setdefault(chunk, [])
+        recent.append(loss)
+        del recent[:-self.window]
+        if chunk not in self.start:
+            if len(recent) >= self.start_steps:
+                self.start[chunk] = float(np.median(recent[:self.start_steps]))
+            return None
+        smoothed = float(np.median(recent))
+        if smoothed > self.ratio * self.start[chunk]:
+            return (f"median train loss over the last {len(recent)} steps is {smoothed:.3f}, above "
+                    f"{self.ratio:g} x its starting value {self.start[chunk]:.3f}")
+        return None
+
+    def state_dict(self) -> dict:
+        return {"recent": self.recent, "start": self.start}
+
+    def load_state_dict(self, state: dict):
+        self.recent = {int(k): list(v) for k, v in state.get("recent", {}).items()}
+        self.start = {int(k): float(v) for k, v in state.get("start", {}).items()}
+
+
+def warmup_end(lr: dict) -> int:
+    """The step at which the LR first reaches its peak (the end of any warmup), at most half the run."""
+    ends = []
+    for steps, values in lr.values():
+        if values:
+            peak = max(values)
+            first = next(s for s, v in zip(steps, values) if v >= 0.99 * peak)
+            ends.append(min(first, steps[len(steps) // 2]))
+    return max(ends) if ends else 0

@@ -1,7 +1,7 @@
 """Per-chunk loss diagnostics: what went wrong with which chunk, when, and what to try.
 
 The detectors (:mod:`locallearn.detectors`) are plain functions over loss streams, so they can be
-tested on synthetic curves and run on finished runs; :class:`locallearn.callbacks.Diagnostics` feeds
+tested on synthetic curves and run on finished runs; :class:`locallearn.callbacks.diagnostics.Diagnostics` feeds
 them during training, and :func:`diagnose` turns what they find into findings.
 
 * divergence (online): a non-finite loss, or a smoothed loss far above the chunk's starting loss;
@@ -21,51 +21,19 @@ previous chunk's output) or the first chunk does too (then the batch did it: chu
 data), and the schedule.
 """
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from locallearn.detectors import (
     Curve,
+    Thresholds,
     find_overfitting,
     find_plateaus,
     find_rising,
     find_spikes,
     underfitting,
 )
-from locallearn.errors import ConfigError
-
-
-@dataclass
-class Thresholds:
-    """The detectors' settings (``callbacks.diagnostics.*`` in the config)."""
-
-    diverge_ratio: float = 1.5  # divergence: smoothed train loss above this x the chunk's starting loss
-    diverge_window: int = 20  # steps in the median that smooths the train loss for the divergence test
-    spike_z: float = 6.0  # spike: robust z-score above this
-    spike_window: int = 50  # earlier steps the z-score's median and MAD are taken over
-    plateau_evals: int = 3  # plateau / overfitting: evaluations looked at
-    plateau_rel: float = 0.002  # plateau: best val loss improved by less than this fraction over plateau_evals
-    underfit_margin: float = 0.05  # underfitting: train loss above (1 - margin) x unigram entropy after warmup
-    rise_window: int = 100  # rising loss: steps per window whose median train loss is compared
-    rise_rel: float = 0.02  # rising loss: medians above this fraction over the best earlier one, 2 windows running
-
-
-def check_thresholds(th: Thresholds):
-    """Raise a one-sentence ConfigError for a threshold that cannot work."""
-    rules = [("diverge_ratio", th.diverge_ratio > 1, "above 1 (a multiple of the starting loss)"),
-             ("diverge_window", th.diverge_window >= 1, "at least 1"),
-             ("spike_z", th.spike_z > 0, "positive"),
-             ("spike_window", th.spike_window >= 10, "at least 10 (steps the median and MAD are taken over)"),
-             ("plateau_evals", th.plateau_evals >= 1, "at least 1"),
-             ("plateau_rel", th.plateau_rel >= 0, "at least 0"),
-             ("underfit_margin", 0 <= th.underfit_margin < 1, "in [0, 1)"),
-             ("rise_window", th.rise_window >= 10, "at least 10"),
-             ("rise_rel", th.rise_rel > 0, "positive")]
-    for name, ok, expected in rules:
-        if not ok:
-            raise ConfigError(f"callbacks.diagnostics.{name}={getattr(th, name)} must be {expected}.")
 
 
 @dataclass
@@ -101,52 +69,6 @@ class Finding:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# -- online divergence test --------------------------------------------------------------------------
-
-class DivergenceWatch:
-    """Fed one loss per chunk and step; says when a chunk diverges (see :func:`check`)."""
-
-    def __init__(self, ratio: float = 1.5, window: int = 20, start_steps: int = 10):
-        self.ratio, self.window, self.start_steps = ratio, window, start_steps
-        self.recent: dict[int, list[float]] = {}
-        self.start: dict[int, float] = {}
-
-    def check(self, chunk: int, loss: float) -> str | None:
-        """The evidence if chunk ``chunk`` has diverged with this loss, else None."""
-        if not math.isfinite(loss):
-            return f"train loss is {loss}"
-        recent = self.recent.setdefault(chunk, [])
-        recent.append(loss)
-        del recent[:-self.window]
-        if chunk not in self.start:
-            if len(recent) >= self.start_steps:
-                self.start[chunk] = float(np.median(recent[:self.start_steps]))
-            return None
-        smoothed = float(np.median(recent))
-        if smoothed > self.ratio * self.start[chunk]:
-            return (f"median train loss over the last {len(recent)} steps is {smoothed:.3f}, above "
-                    f"{self.ratio:g} x its starting value {self.start[chunk]:.3f}")
-        return None
-
-    def state_dict(self) -> dict:
-        return {"recent": self.recent, "start": self.start}
-
-    def load_state_dict(self, state: dict):
-        self.recent = {int(k): list(v) for k, v in state.get("recent", {}).items()}
-        self.start = {int(k): float(v) for k, v in state.get("start", {}).items()}
-
-
-def warmup_end(lr: dict) -> int:
-    """The step at which the LR first reaches its peak (the end of any warmup), at most half the run."""
-    ends = []
-    for steps, values in lr.values():
-        if values:
-            peak = max(values)
-            first = next(s for s, v in zip(steps, values) if v >= 0.99 * peak)
-            ends.append(min(first, steps[len(steps) // 2]))
-    return max(ends) if ends else 0
 
 
 # -- causes and remedies ------------------------------------------------------------------------------
@@ -212,18 +134,29 @@ def diagnose(train: dict[int, Curve], val: dict[int, Curve], ctx: Context | None
              th: Thresholds | None = None) -> list[Finding]:
     """Every finding of the detectors on per-chunk train and val curves (chunks numbered from 1)."""
     ctx, th = ctx or Context(), th or Thresholds()
-    findings: list[Finding] = []
     spikes = {k: find_spikes(*train[k], th.spike_window, th.spike_z) for k in sorted(train)}
-    plateaus = {k: find_plateaus(*val[k], th.plateau_evals, th.plateau_rel) for k in sorted(val)}
-
     batch, spikes = batch_spikes(spikes)
-    findings += [batch] if batch else []
+    findings = ([batch] if batch else []) + _spikes(spikes, ctx)
+    findings += _rising(train, ctx, th) + _overfitting(train, val, th)
+    findings += _plateaus(val, ctx, th, findings)
+    if ctx.unigram_entropy:
+        findings += _underfitting(train, spikes, ctx, th, findings)
+    return sorted(findings, key=lambda f: (f.chunk, f.first_step, f.kind))
+
+
+def _weight(ctx: Context, k: int) -> float:
+    return ctx.loss_weights[k - 1] if ctx.loss_weights and k - 1 < len(ctx.loss_weights) else 1.0
+
+
+def _spikes(spikes: dict[int, list], ctx: Context) -> list[Finding]:
+    """Each chunk's own spikes (batch spikes are out: a spike chunk k-1 shares here is one chunk 1 did not have,
+    so chunk k-1's own)."""
+    findings = []
     for k, found in spikes.items():
         if not found:
             continue
         steps = [s for s, _, _ in found]
         shown = ", ".join(f"{s} (z={z:.0f})" for s, _, z in found[:8]) + (" ..." if len(found) > 8 else "")
-        # batch spikes are out: a spike chunk k-1 shares here is one chunk 1 did not have, so chunk k-1's own
         upstream = [s for s in steps if any(abs(s - p) <= 1 for p, _, _ in spikes.get(k - 1, []))]
         if len(upstream) > len(steps) / 2:
             cause = f"they follow spikes of chunk {k - 1}, whose output is this chunk's input"
@@ -236,7 +169,11 @@ def diagnose(train: dict[int, Curve], val: dict[int, Curve], ctx: Context | None
         plural = "s" * (len(found) > 1)
         findings.append(Finding("spike", k, steps[0], steps[-1], f"{len(found)} spike{plural} at step{plural} {shown}",
                                 cause, remedy))
+    return findings
 
+
+def _rising(train: dict[int, Curve], ctx: Context, th: Thresholds) -> list[Finding]:
+    findings = []
     rising = {k: find_rising(*train[k], th.rise_window, th.rise_rel) for k in sorted(train)}
     for k, found in rising.items():
         for first, last, best, high in found:
@@ -253,7 +190,11 @@ def diagnose(train: dict[int, Curve], val: dict[int, Curve], ctx: Context | None
                 "rising loss", k, first, last,
                 f"median train loss per {th.rise_window} steps rose from its best {best:.3f} to {high:.3f} "
                 f"(+{high / best - 1:.1%}) over steps {first}-{last}", cause, remedy))
+    return findings
 
+
+def _overfitting(train: dict[int, Curve], val: dict[int, Curve], th: Thresholds) -> list[Finding]:
+    findings = []
     for k in sorted(val):
         if k not in train:
             continue
@@ -265,12 +206,17 @@ def diagnose(train: dict[int, Curve], val: dict[int, Curve], ctx: Context | None
                 f"chunk {k} fits the training data and stops generalizing",
                 "more data, dropout (model.dropout), more weight decay (optim.weight_decay), or stop earlier "
                 "(checkpoints/best.ckpt holds the lowest val loss)", split="val"))
+    return findings
 
-    explained = {(f.chunk, f.first_step, f.last_step) for f in findings if f.kind in ("overfitting", "rising loss")}
+
+def _plateaus(val: dict[int, Curve], ctx: Context, th: Thresholds, found_so_far: list[Finding]) -> list[Finding]:
+    findings = []
+    plateaus = {k: find_plateaus(*val[k], th.plateau_evals, th.plateau_rel) for k in sorted(val)}
+    explained = {(f.chunk, f.first_step, f.last_step) for f in found_so_far if f.kind in ("overfitting", "rising loss")}
     for k, found in plateaus.items():
         # a stall of the best val loss while the loss rises (or val rises as train falls) is found above
         found = [p for p in found if not any(c == k and _overlaps(p[:2], (a, b)) for c, a, b in explained)]
-        weight = ctx.loss_weights[k - 1] if ctx.loss_weights and k - 1 < len(ctx.loss_weights) else 1.0
+        weight = _weight(ctx, k)
         for first, last, improvement in found:
             lr, peak = _lr_at(ctx, k, last), _peak_lr(ctx, k)
             if weight == 0:
@@ -295,27 +241,31 @@ def diagnose(train: dict[int, Curve], val: dict[int, Curve], ctx: Context | None
                                     f"best val loss improved by {improvement:.3%} over steps {first}-{last} "
                                     f"(threshold {th.plateau_rel:.1%} per {th.plateau_evals} evaluations)",
                                     cause, remedy, split="val"))
+    return findings
 
-    if ctx.unigram_entropy:
-        baseline = ctx.unigram_entropy * ctx.loss_terms
-        for k in sorted(train):
-            weight = ctx.loss_weights[k - 1] if ctx.loss_weights and k - 1 < len(ctx.loss_weights) else 1.0
-            found = underfitting(train[k], baseline, ctx.warmup_steps, th.underfit_margin) if weight else None
-            if not found:
-                continue
-            first, last, mean = found
-            n_spikes = len(spikes.get(k, []))
-            if n_spikes >= 3 or any(f.kind == "divergence" and f.chunk == k for f in findings):
-                cause, remedy = lr_too_high(k, _lr_at(ctx, k, last))
-            else:
-                cause = f"chunk {k} has not learned to use context yet (too few steps, or a learning rate too low)"
-                remedy = "train longer, or raise its learning rate (analysis/lr_range_test.py suggests one)"
-            findings.append(Finding(
-                "underfitting", k, first, last,
-                f"mean train loss {mean:.3f} over steps {first}-{last} is not clearly below the unigram entropy "
-                f"{baseline:.3f} nats (margin {th.underfit_margin:.0%}), the loss of a model that ignores context",
-                cause, remedy))
-    return sorted(findings, key=lambda f: (f.chunk, f.first_step, f.kind))
+
+def _underfitting(train: dict[int, Curve], spikes: dict[int, list], ctx: Context, th: Thresholds,
+                  found_so_far: list[Finding]) -> list[Finding]:
+    findings = []
+    baseline = ctx.unigram_entropy * ctx.loss_terms
+    for k in sorted(train):
+        weight = _weight(ctx, k)
+        found = underfitting(train[k], baseline, ctx.warmup_steps, th.underfit_margin) if weight else None
+        if not found:
+            continue
+        first, last, mean = found
+        n_spikes = len(spikes.get(k, []))
+        if n_spikes >= 3 or any(f.kind == "divergence" and f.chunk == k for f in found_so_far):
+            cause, remedy = lr_too_high(k, _lr_at(ctx, k, last))
+        else:
+            cause = f"chunk {k} has not learned to use context yet (too few steps, or a learning rate too low)"
+            remedy = "train longer, or raise its learning rate (analysis/lr_range_test.py suggests one)"
+        findings.append(Finding(
+            "underfitting", k, first, last,
+            f"mean train loss {mean:.3f} over steps {first}-{last} is not clearly below the unigram entropy "
+            f"{baseline:.3f} nats (margin {th.underfit_margin:.0%}), the loss of a model that ignores context",
+            cause, remedy))
+    return findings
 
 
 def divergence_finding(chunk: int, step: int, evidence: str, ctx: Context, split: str = "train") -> Finding:

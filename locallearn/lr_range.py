@@ -20,12 +20,12 @@ Either can be applied to a run as ``optim.chunk_lr=[...]``.
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import torch
 
 from locallearn.errors import ConfigError
+from locallearn.execution import update
 
 SKIP_START = 5  # the first points of the EMA are too noisy for a slope
 SMOOTH_FRACTION = 0.05  # the default EMA window as a fraction of the sweep: 15 steps of 300
@@ -113,13 +113,9 @@ def run(module, batches, settings: RangeSettings, device="cpu", on_step=None) ->
     for i, lr in enumerate(lrs):
         for g in opt.param_groups:
             g["lr"] = 0.0 if diverged[g["chunk"]] else float(lr)
-        prepared = module.objective.prepare(next(batches).to(device), module._generator(i, train=True))
-        opt.zero_grad(set_to_none=True)
-        losses = module.step_fn(net, prepared.idx, partial(module._loss, prepared=prepared),
-                                lambda loss: loss.backward(), module.loss_weights)
-        module._clip()
-        opt.step()
-        values = torch.stack(losses).float().tolist()
+        prepared = module.objective.prepare(next(batches).to(device), module.mask_generator(i, train=True))
+        u = update(opt, net, range(K), module.backward_pass(prepared), i, module.grad_clip)
+        values = torch.stack(u.losses).float().tolist()
         smoothed = []
         for k, (r, loss) in enumerate(zip(results, values)):
             if diverged[k]:

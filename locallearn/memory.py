@@ -68,3 +68,14 @@ class SavedTensorMeter:
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
         return False
+
+
+def metered(fn, params, report):
+    """``fn`` (no arguments) wrapped to call ``report(peak)`` with the most bytes it held for backward at once
+    (``params`` are not counted)."""
+    def run():
+        with SavedTensorMeter(params) as meter:
+            out = fn()
+        report(meter.peak)
+        return out
+    return run

@@ -28,9 +28,9 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from locallearn.atomic import write_text
 from locallearn.checks import LR_RANGE, PROBING, RUN, check_config
-from locallearn.compare import under
 from locallearn.config import quote
 from locallearn.errors import ConfigError
+from locallearn.sweeps import under
 
 # What makes a run the run it is: a continuation (resume=) must keep all of these (whole groups, or single
 # keys: another optimizer or schedule could not take over the checkpoint's state).

@@ -15,6 +15,8 @@ data's token instead; it is a different matrix wherever the model does not fit t
 al. 2019, "Limitations of the empirical Fisher approximation"), which a local chunk at the switch does not.
 """
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,7 @@ from locallearn.errors import ConfigError
 from locallearn.objectives import IGNORE
 
 FISHER_KINDS = ("true", "empirical")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -218,3 +221,53 @@ def fisher_seed(seed: int, step: int, sequence: int) -> int:
     at ``step``: independent of the process count, so data parallelism samples what one process would."""
     return (2_147_483_647 + (seed * 1_000_003 + step) * 65_537 + sequence) % (2 ** 63)
 
+
+# -- at the switch ------------------------------------------------------------------------------------------
+
+def earlier_chunk_params(net) -> dict[str, torch.nn.Parameter]:
+    """The trunk parameters of every chunk but the last, by name: what EWC anchors."""
+    names = {id(p): n for n, p in net.named_parameters()}
+    trunk = [p for k in range(len(net) - 1) for m in net.trunk_modules(k) for p in m.parameters()]
+    return {names[id(p)]: p for p in trunk}
+
+
+def chunk_token_terms(net, k, h, logits, prepared):
+    """Chunk k's predictions of the tokens its local loss scores (see :func:`token_terms`)."""
+    extra = None
+    if net.extra is not None:  # span: the span-boundary network predicts the same masked tokens
+        sbo_logits, (b, t) = net.extra[k](h, prepared)
+        extra = (sbo_logits, prepared.targets[b, t])
+    return token_terms(logits, prepared.targets, IGNORE, extra)
+
+
+def start_global_phase(module, prepared) -> None:
+    """At the switch step of ``module`` (a LocalLearner): anchor the earlier chunks (EWC, if asked), then remove
+    the cut. The Fisher is each earlier chunk's per-token Fisher of its local loss (:func:`estimate_fisher`), on
+    the batch at the switch and the ``switch.fisher_batches - 1`` training batches after it."""
+    net, switch = module.net, module.switch
+    if switch.ewc_lambda > 0 and len(net) > 1 and module.ewc is None:
+        params = earlier_chunk_params(net)
+        t0 = time.perf_counter()
+        trainer = module.trainer
+        rank = trainer.global_rank
+        fisher = estimate_fisher(net, params, _fisher_batches(module, prepared),
+                                 lambda k, h, logits, p: chunk_token_terms(net, k, h, logits, p), switch.fisher,
+                                 lambda step, b, B: fisher_seed(module.seed, step, rank * B + b))
+        module.ewc = EWC(params, fisher.result(), fisher.tokens)
+        log.info("EWC: %s Fisher of chunks 1-%d from %s tokens (%d batches) in %.1f s", switch.fisher, len(net) - 1,
+                 "/".join(map(str, fisher.tokens.values())), switch.fisher_batches, time.perf_counter() - t0)
+    net.local = False
+
+
+def _fisher_batches(module, prepared):
+    """(step, prepared batch): the batch at the switch, then the next training batches as the run will draw them
+    (:meth:`RandomWindows.batch` by step, masks from the step's generator): drawing them here takes nothing from
+    the run, which then trains on exactly these batches and masks."""
+    step, trainer = module.global_step, module.trainer
+    yield step, prepared
+    if module.switch.fisher_batches > 1:
+        windows = trainer.train_dataloader.dataset  # a RandomWindows: batch n is a function of n
+        for n in range(step + 1, step + module.switch.fisher_batches):
+            batch = windows.batch(n).to(module.device)
+            yield n, module.objective.prepare(batch, module.mask_generator(n, train=True), trainer.global_rank,
+                                              trainer.world_size)

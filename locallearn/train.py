@@ -7,29 +7,20 @@
 import errno
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate as hydra_instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from locallearn.atomic import write_json, write_text
+from locallearn.build import instantiate, make_module, make_net, quiet_lightning
 from locallearn.checkpoint import check_compatible, last_checkpoint
-from locallearn.checks import check_config
-from locallearn.chunked import ChunkedGPT
-from locallearn.chunking import ChunkPlan
+from locallearn.checks.run import check_run
 from locallearn.errors import ConfigError, OutputError
-from locallearn.execution import get_step
-from locallearn.model import GPT
-from locallearn.module import LocalLearner, check_chunk_lr, check_hypergrad_lr, check_loss_weights
-from locallearn.pipeline import PipelineLearner, check_pipeline
+from locallearn.module import LocalLearner
 from locallearn.rundir import save_hydra_files
-from locallearn.switch import Switch
 
 log = logging.getLogger(__name__)
 
@@ -44,130 +35,22 @@ class Run:
     output_dir: Path
 
 
-def instantiate(node, *args, **kwargs):
-    """``hydra.utils.instantiate``, letting our one-sentence :class:`ConfigError` through unwrapped."""
-    try:
-        return hydra_instantiate(node, *args, **kwargs)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, ConfigError):
-            raise e.__cause__ from None
-        raise
-
-
-def _check_schedule(cfg: DictConfig):
-    # Building the scheduler against a throwaway optimizer checks its settings now rather than at
-    # the first training step.
-    if cfg.get("schedule") is not None:
-        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        instantiate(cfg.schedule)(dummy, total_steps=cfg.trainer.max_steps)
-
-
-# Keys of the optim group that locallearn reads itself; the rest go to the optimizer.
-OPTIM_KEYS = ("chunk_lr", "hypergrad_lr")
-
-
-def optimizer_factory(optim: DictConfig):
-    """The ``_partial_`` optimizer of ``optim``, without locallearn's own keys."""
-    node = OmegaConf.masked_copy(optim, [k for k in optim if k not in OPTIM_KEYS])
-    return instantiate(node)
-
-
-def make_net(cfg: DictConfig, objective, vocab_size: int) -> ChunkedGPT:
-    """The chunked model ``cfg`` describes, for data of ``vocab_size`` tokens (``objective`` is bound to it)."""
-    objective.bind(vocab_size)
-    model_cfg = instantiate(cfg.model, vocab_size=vocab_size + objective.extra_tokens)
-    plan = ChunkPlan.build(model_cfg.n_layer, cfg.chunks, cfg.chunking.get("boundaries"), cfg.get("overlap", 0))
-    return ChunkedGPT(GPT(model_cfg), plan, instantiate(cfg.head), objective.chunk_module)
-
-
-def make_module(cfg: DictConfig, net: ChunkedGPT, objective, switch: Switch | None = None) -> LocalLearner:
-    """The LightningModule that trains ``net`` as ``cfg`` says (a :class:`PipelineLearner` for mode=pipeline)."""
-    kwargs = dict(
-        mode=cfg.mode,
-        optimizer=optimizer_factory(cfg.optim),
-        scheduler=instantiate(cfg.schedule) if cfg.get("schedule") is not None else None,
-        grad_clip=cfg.grad_clip,
-        loss_weights=cfg.get("loss_weights"),
-        switch=switch or Switch(**cfg.get("switch", {})),
-        seed=cfg.seed,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        chunk_lr=cfg.optim.get("chunk_lr"),
-        hypergrad_lr=cfg.optim.get("hypergrad_lr"),
-    )
-    if cfg.mode != "pipeline" or len(net) == 1:  # one chunk has nothing to pipeline
-        return LocalLearner(net, objective, **kwargs)
-    pipeline = cfg.get("pipeline", {})
-    return PipelineLearner(net, objective, threads=pipeline.get("threads"), backend=pipeline.get("backend", "gloo"),
-                           **kwargs)
-
-
 def build(cfg: DictConfig) -> Run:
     """Seed, check and instantiate data, model, module and trainer. Nothing is trained yet."""
-    check_config(cfg)  # every value in its range (locallearn/checks.py) before anything is read or built
+    check_run(cfg)  # every value and every combination (locallearn/checks/) before anything is read or built
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    get_step(cfg.mode)
     objective = instantiate(cfg.objective)
-    model_cfg = instantiate(cfg.model, vocab_size=1)  # checks the shape settings before the data loads
-    if model_cfg.causal != objective.causal:
-        raise ConfigError(
-            f"model.causal={model_cfg.causal} does not match objective={objective.name}, which needs "
-            f"{'causal' if objective.causal else 'bidirectional'} attention; drop the model.causal override "
-            f"(it follows the objective)."
-        )
-    chunking = cfg.chunking
-    if chunking.get("greedy") and cfg.chunks != model_cfg.n_layer:
-        raise ConfigError(f"chunking=greedy trains one chunk per block (chunks=model.n_layer={model_cfg.n_layer}) "
-                          f"but chunks={cfg.chunks}; drop the chunks override or use chunking=chunked.")
-    plan = ChunkPlan.build(model_cfg.n_layer, cfg.chunks, chunking.get("boundaries"), cfg.overlap)
-    check_loss_weights(cfg.get("loss_weights"), len(plan))
-    check_chunk_lr(cfg.optim.get("chunk_lr"), len(plan))
-    check_hypergrad_lr(cfg.optim.get("hypergrad_lr"))
-    switch = Switch(**cfg.get("switch", {}))
-    if cfg.data.block_size < objective.min_block_size:
-        raise ConfigError(f"objective={objective.name} needs data.block_size >= {objective.min_block_size} but got "
-                          f"data.block_size={cfg.data.block_size}; raise it or use objective=mlm.")
-    if cfg.data.block_size > model_cfg.block_size:
-        raise ConfigError(
-            f"data.block_size={cfg.data.block_size} exceeds model.block_size={model_cfg.block_size}; "
-            f"the model has no position embedding past its block_size, so lower data.block_size."
-        )
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file to resume from.")
-    _check_schedule(cfg)
-
-    if cfg.mode == "pipeline":
-        check_pipeline(cfg)
-    strategy = cfg.trainer.get("strategy")
-    if isinstance(strategy, str) and strategy.startswith("ddp"):
-        raise ConfigError(f"trainer.strategy={strategy} wraps the model in DistributedDataParallel, which syncs "
-                          f"gradients in every backward pass (mode=sequential runs one per chunk); use trainer=ddp, "
-                          f"whose strategy syncs them once per step.")
-
     datamodule = instantiate(cfg.data)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the weights' init does not depend on the data
     net = make_net(cfg, objective, datamodule.vocab_size)
-    module = make_module(cfg, net, objective, switch)
+    module = make_module(cfg, net, objective)
     if cfg.get("ckpt_path"):
         check_compatible(cfg.ckpt_path, module.hparams.config, module.state_dict())
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return Run(datamodule, module, trainer, output_dir)
-
-
-class _DropAdverts(logging.Filter):
-    def filter(self, record):
-        return "litlogger" not in record.getMessage()
-
-
-def quiet_lightning():
-    """Silence Lightning messages that say nothing about this run."""
-    # Batches are slices of an in-memory tensor: worker processes would only add copying.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
-    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropAdverts())
 
 
 def record_config_error(cfg: DictConfig, error: ConfigError) -> None:
@@ -220,8 +103,7 @@ def train(cfg: DictConfig) -> dict:
             raise
         raise _write_failure(e, cfg, run) from e
     finally:
-        if hasattr(run.module, "shutdown"):  # mode=pipeline: no worker process outlives its run
-            run.module.shutdown()
+        run.module.shutdown()  # mode=pipeline: no worker process outlives its run
     summary_cb = next((c for c in run.trainer.callbacks if type(c).__name__ == "RunSummary"), None)
     summary = summary_cb.summary(run.trainer, run.module, "finished") if summary_cb else {}
     if summary.get("val_loss") and run.trainer.global_rank == 0:
@@ -255,7 +137,7 @@ def end_to_end_command() -> str | None:
     ``chunks=1`` (None outside a Hydra job)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from locallearn.compare import LOCAL_KEYS, under
+    from locallearn.sweeps import LOCAL_KEYS, under
 
     if not HydraConfig.initialized():
         return None

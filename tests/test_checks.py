@@ -1,5 +1,6 @@
-"""Every option in conf/ has a checked range (locallearn/checks.py), and every bad value is one sentence before any
-work: table-driven over every key of every option file, plus the command-line cases (unknown keys, analysis scripts)."""
+"""Every option in conf/ has a checked range (locallearn/checks/tables.py), and every bad value is one sentence
+before any work: table-driven over every key of every option file, plus the command-line cases (unknown keys,
+analysis scripts)."""
 
 import copy
 import functools
@@ -17,7 +18,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from locallearn.checks import LR_RANGE, PROBING, RUN, Free, check_config
-from locallearn.config import CONF_DIR, PROJECT_ROOT, check_overrides
+from locallearn.cli import check_overrides
+from locallearn.config import CONF_DIR, PROJECT_ROOT
 from locallearn.errors import ConfigError
 from locallearn.train import build
 
@@ -62,7 +64,7 @@ RUN_OPTIONS = run_options()
 
 def test_every_option_of_every_config_has_a_spec():
     missing = sorted(k for k in RUN_OPTIONS if k not in RUN)
-    assert not missing, f"options without a checked range in locallearn/checks.py RUN: {missing}"
+    assert not missing, f"options without a checked range in locallearn/checks/tables.py RUN: {missing}"
     for name, table in (("probing", PROBING), ("lr_range_test", LR_RANGE)):
         keys = [k for k in _leaves(_compose(name, ["runs=x"] if name == "probing" else []))
                 if not k.startswith(tuple(f"{g}." for g in RUN_GROUPS)) and k not in RUN or k.startswith("lr_range.")]
@@ -102,7 +104,7 @@ def test_every_bad_value_of_every_option_is_one_sentence(tmp_path_factory, key, 
     cfg = copy.deepcopy(_run_config(tuple(choice), str(tmp_path_factory.getbasetemp() / "checks")))
     OmegaConf.update(cfg, key, value, merge=False)
     with pytest.raises(ConfigError) as info:
-        check_config(cfg)
+        check_config(cfg, RUN)
     check_message(str(info.value), key)
 
 

@@ -10,8 +10,9 @@ import pytest
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from locallearn.compare import collect, groups, table_rows, write_report
+from locallearn.compare import table_rows, write_report
 from locallearn.config import PROJECT_ROOT
+from locallearn.sweeps import collect, groups
 from tests.conftest import tiny_args
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from locallearn.chunked import ChunkedGPT
 from locallearn.chunking import ChunkPlan
 from locallearn.errors import ConfigError
-from locallearn.execution import joint_step, sequential_step
+from locallearn.execution import joint_backward, sequential_backward
 from locallearn.heads import LinearHead
 from locallearn.memory import SavedTensorMeter
 from locallearn.model import GPT, GPTConfig
@@ -76,7 +76,7 @@ DROPOUT = GPTConfig(n_layer=4, n_head=2, n_embd=16, block_size=16, vocab_size=32
 def test_joint_and_sequential_give_the_same_gradients(cfg, chunks, overlap):
     idx, targets = batch(cfg)
     grads = {}
-    for name, step in (("joint", joint_step), ("sequential", sequential_step)):
+    for name, step in (("joint", joint_backward), ("sequential", sequential_backward)):
         net = make_net(cfg, chunks=chunks, overlap=overlap)  # seeds the RNG: both modes draw the same masks
         losses = step(net, idx, chunk_loss(targets), lambda loss: loss.backward(), [1.0] * chunks)
         grads[name] = ([p.grad.clone() for p in net.parameters()], torch.stack(losses))
@@ -96,13 +96,13 @@ def saved_bytes(chunks, step, cfg, B=12):
 
 def test_sequential_activation_memory_shrinks_with_chunks():
     small = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65)  # model=small, shakespeare vocab
-    k1 = saved_bytes(1, sequential_step, small)
-    k2 = saved_bytes(2, sequential_step, small)
-    k4 = saved_bytes(4, sequential_step, small)
+    k1 = saved_bytes(1, sequential_backward, small)
+    k2 = saved_bytes(2, sequential_backward, small)
+    k4 = saved_bytes(4, sequential_backward, small)
     assert k4 <= 0.4 * k1, f"K=4 saves {k4} bytes, more than 0.4 x K=1 ({k1})"
     assert k4 < k2 < k1
     # joint mode keeps every chunk's graph alive: no saving, only the auxiliary heads' extra cost
-    assert saved_bytes(4, joint_step, small) >= k1
+    assert saved_bytes(4, joint_backward, small) >= k1
 
 
 def test_meter_counts_activations_not_parameters():

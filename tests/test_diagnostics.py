@@ -12,8 +12,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from locallearn.config import PROJECT_ROOT
-from locallearn.detectors import find_overfitting, find_plateaus, find_rising, find_spikes
-from locallearn.diagnostics import Context, DivergenceWatch, Thresholds, diagnose
+from locallearn.detectors import DivergenceWatch, Thresholds, find_overfitting, find_plateaus, find_rising, find_spikes
+from locallearn.diagnostics import Context, diagnose
 from locallearn.errors import ConfigError
 from locallearn.train import build, train
 from tests.conftest import TINY

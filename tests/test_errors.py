@@ -53,7 +53,6 @@ SYNTHETIC_CASES = [
                  id="boundaries-vs-chunks"),
     pytest.param(["chunks=2", "chunking.boundaries=[1,2,3]"], ["boundaries=[1, 2, 3]", "chunks=2", "pass chunks=4"],
                  id="boundaries-vs-chunks-more"),
-    pytest.param(["mode=bogus"], ["bogus", "joint", "sequential"], id="mode=bogus"),
     pytest.param(["data.block_size=32"], ["data.block_size=32", "model.block_size=16", "lower data.block_size"],
                  id="data.block_size>model"),
     pytest.param(["model.n_embd=15", "model.n_head=2"], ["model.n_embd=15", "model.n_head=2", "multiple"],
@@ -137,3 +136,31 @@ def test_run_py_reports_one_line_and_exit_code_2(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error:") and "chunks=9" in lines[0], lines[0]
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
+
+
+def test_a_mode_set_as_a_plain_value_is_refused_as_it_would_not_select_its_strategy(make_cfg):
+    from omegaconf import OmegaConf
+
+    cfg = make_cfg("mode=joint")
+    OmegaConf.update(cfg, "mode", "sequential")  # what `mode: sequential` in an experiment's body would do
+    with pytest.raises(ConfigError) as info:
+        build(cfg)
+    check_message(info.value, "mode=sequential", "joint", "override /mode: sequential")
+
+
+def test_an_unknown_mode_is_one_sentence_naming_the_modes():
+    from locallearn.cli import check_group_choices
+
+    with pytest.raises(ConfigError) as info:
+        check_group_choices(["mode=bogus"])
+    check_message(info.value, "mode=bogus", "joint, pipeline, sequential")
+
+
+def test_the_mode_group_selects_its_strategy(make_cfg):
+    from locallearn.execution import Sequential
+    from locallearn.pipeline.strategy import PipelineStrategy
+
+    assert isinstance(build(make_cfg("mode=sequential")).module.strategy, Sequential)
+    strategy = build(make_cfg("mode=pipeline", "pipeline.threads=1")).module.strategy
+    assert isinstance(strategy, PipelineStrategy) and strategy.threads == 1
+    assert build(make_cfg("mode=pipeline", "chunks=1")).module.strategy.name == "sequential"  # nothing to pipeline

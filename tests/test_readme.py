@@ -1,6 +1,6 @@
-"""Every command the README shows runs: each is taken from README.md as written, made tiny (fewer steps, a tiny
-model, one seed, the test's own log dir, placeholders filled in with real runs) and run. A command the test
-cannot run here says why in ``NOT_RUN``; a README command that is neither run nor listed fails the test."""
+"""Every command the README and the docs/ pages show runs: each is taken from them as written, made tiny (fewer
+steps, a tiny model, one seed, the test's own log dir, placeholders filled in with real runs) and run. A command the
+test cannot run here says why in ``NOT_RUN``; a command that is neither run nor listed fails the test."""
 
 import importlib.util
 import json
@@ -21,6 +21,7 @@ from hydra.core.global_hydra import GlobalHydra
 from locallearn.config import CONF_DIR, PROJECT_ROOT
 
 README = PROJECT_ROOT / "README.md"
+PAGES = [README, *sorted((PROJECT_ROOT / "docs").glob("*.md"))]  # the README, then every docs/ page
 
 # Commands that this test does not run, and why (each is exercised elsewhere or cannot run on a CPU test box).
 NOT_RUN = {
@@ -33,8 +34,8 @@ NOT_RUN = {
 
 
 def readme_commands() -> list[str]:
-    """Every command line of the README's bash blocks and inline code, in order, comments stripped."""
-    text = README.read_text(encoding="utf-8")
+    """Every command line of the README's and the docs' bash blocks and inline code, in order, comments stripped."""
+    text = "\n".join(page.read_text(encoding="utf-8") for page in PAGES)
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         commands += [re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines()]
@@ -105,6 +106,8 @@ class Workspace:
             "logs/multiruns/<date>_<time>_experiment=depth_benefit-induction": lambda: sweep("depth_benefit-induction"),
             "logs/multiruns/<date>_<time>_experiment=depth_benefit-shakespeare":
                 lambda: sweep("depth_benefit-shakespeare"),
+            "<Shakespeare K=4 run>": lambda: self.job(sweep("depth_benefit-shakespeare"), 4),
+            "<its Shakespeare end-to-end run>": lambda: self.job(sweep("depth_benefit-shakespeare"), 1),
             "<K=4 run>": lambda: self.job(sweep("depth_benefit-induction"), 4),
             "<its end-to-end run>": lambda: self.job(sweep("depth_benefit-induction"), 1),
             "/path/to/corpus.txt": lambda: self.corpus,

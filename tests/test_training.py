@@ -7,9 +7,10 @@ import lightning as L
 import pytest
 import torch
 
+from locallearn.build import quiet_lightning
 from locallearn.model import GPT
 from locallearn.schedules import warmup_cosine
-from locallearn.train import build, quiet_lightning
+from locallearn.train import build
 
 quiet_lightning()
 
@@ -116,9 +117,18 @@ def test_training_learns_the_synthetic_language(make_cfg):
 
 
 def test_the_val_loss_is_a_weighted_mean_and_a_nan_batch_makes_it_nan(make_cfg):
-    metric = build(make_cfg("chunks=2")).module.val_loss[0]
+    metric = build(make_cfg("chunks=2")).module.metrics.loss[0]
     metric.update(torch.tensor(1.0), weight=3)
     metric.update(torch.tensor(2.0), weight=1)
     assert float(metric.compute()) == pytest.approx(1.25)  # weighted by the batches' targets
     metric.update(torch.tensor(float("nan")), weight=2)
     assert math.isnan(float(metric.compute()))  # not dropped: a partly diverged model does not look finite
+
+
+@pytest.mark.slow  # compiling the blocks takes a minute on two CPU cores
+@pytest.mark.parametrize("mode", ["joint", "sequential"])
+def test_compiled_blocks_train_as_the_eager_ones(make_cfg, mode):
+    _, eager, _ = fit(make_cfg("chunks=2", f"mode={mode}", "trainer.max_steps=4"))
+    run, compiled, _ = fit(make_cfg("chunks=2", f"mode={mode}", "trainer.max_steps=4", "compile=true"))
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in run.module.net.gpt.blocks)
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-5)

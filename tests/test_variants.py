@@ -10,16 +10,18 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from locallearn.build import quiet_lightning
 from locallearn.chunked import ChunkedGPT
 from locallearn.chunking import ChunkPlan
-from locallearn.config import PROJECT_ROOT, check_group_choices
+from locallearn.cli import check_group_choices
+from locallearn.config import PROJECT_ROOT
 from locallearn.errors import ConfigError
+from locallearn.execution import clip_gradients
 from locallearn.heads import LinearHead
 from locallearn.model import GPT, GPTConfig
-from locallearn.module import LocalLearner
-from locallearn.objectives import IGNORE, CausalLM
-from locallearn.switch import EWC, FisherDiagonal
-from locallearn.train import build, quiet_lightning, train
+from locallearn.objectives import IGNORE
+from locallearn.switch import EWC, FisherDiagonal, chunk_token_terms, earlier_chunk_params
+from locallearn.train import build, train
 
 quiet_lightning()
 
@@ -125,7 +127,6 @@ def tiny_net(chunks=2, seed=0):
 
 def test_global_steps_clip_the_total_gradient_norm_with_one_factor():
     net = tiny_net(chunks=3)
-    module = LocalLearner(net, CausalLM(), grad_clip=0.01)
     x = torch.randint(16, (4, 9), generator=torch.Generator().manual_seed(1))
     for global_phase in (True, False):
         net.zero_grad(set_to_none=True)
@@ -133,7 +134,7 @@ def test_global_steps_clip_the_total_gradient_norm_with_one_factor():
         losses = [lm_loss(logits, x[:, 1:]) for _, logits in net(x[:, :-1])]
         (losses[-1] if global_phase else sum(losses)).backward()
         raw = [[p.grad.clone() for p in net.chunk_parameters(k) if p.grad is not None] for k in range(3)]
-        norms, total = module._clip(global_phase)
+        norms, total = clip_gradients(net, range(3), 0.01, global_phase)
         clipped = [[p.grad for p in net.chunk_parameters(k) if p.grad is not None] for k in range(3)]
         chunk_norms = [torch.linalg.vector_norm(torch.stack([g.norm() for g in gs])) for gs in raw]
         torch.testing.assert_close(torch.stack(norms), torch.stack(chunk_norms))  # before clipping
@@ -265,11 +266,11 @@ def test_fisher_tokens_are_the_tokens_the_local_loss_scores(make_cfg, objective)
     prepared = module.objective.prepare(batch, torch.Generator().manual_seed(0))
     fisher = FisherDiagonal({}, {}, "empirical")
     for k, (h, logits) in enumerate(module.net(prepared.idx)):
-        terms = module._token_terms(k, h, logits, prepared)
+        terms = chunk_token_terms(module.net, k, h, logits, prepared)
         assert len(terms) == (2 if objective == "span" else 1)
         s = fisher.log_likelihoods(terms)
         assert s.shape == ((prepared.targets != IGNORE).sum(),)
-        torch.testing.assert_close(-s.mean(), module._loss(k, h, logits, prepared))
+        torch.testing.assert_close(-s.mean(), module.chunk_loss(k, h, logits, prepared))
 
 
 def test_ewc_in_a_run_starts_at_zero_and_anchors_chunk_one(make_cfg):
@@ -280,7 +281,7 @@ def test_ewc_in_a_run_starts_at_zero_and_anchors_chunk_one(make_cfg):
     penalty = [e.value for e in acc.Scalars("train/ewc_penalty")]
     assert [e.step for e in acc.Scalars("train/ewc_penalty")] == [3, 4, 5]  # the global steps
     assert penalty[0] == 0 and penalty[-1] > 0  # zero at the anchor, then growing as chunk one moves
-    assert set(run.module.ewc.fisher) == {n for n, _ in run.module._earlier_chunk_params().items()}
+    assert set(run.module.ewc.fisher) == {n for n, _ in earlier_chunk_params(run.module.net).items()}
 
 
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
@@ -296,7 +297,8 @@ def test_ewc_fisher_leaves_the_runs_batches_and_dropout_alone(make_cfg, objectiv
     assert rec.losses[5] != plain.losses[5]  # the anchor pulls from the step after the switch on
     module = ewc.module
     windows = ewc.datamodule.train_dataloader().dataset
-    targets = [module.objective.prepare(windows.batch(n), module._generator(n, train=True)).targets for n in (3, 4, 5)]
+    targets = [module.objective.prepare(windows.batch(n), module.mask_generator(n, train=True)).targets
+               for n in (3, 4, 5)]
     scored = sum(int((t != IGNORE).sum()) for t in targets)  # clm: every position; mlm: the masked ones
     assert module.ewc.tokens == {0: scored}
     assert objective == "mlm" or scored == 3 * 8 * 16

@@ -25,9 +25,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from locallearn.atomic import atomic_open
+from locallearn.build import instantiate, make_net
 from locallearn.chunked import ChunkedGPT
 from locallearn.errors import ConfigError
-from locallearn.train import instantiate, make_net
 
 
 @dataclass

@@ -16,11 +16,11 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from locallearn.compare import job_order, under
 from locallearn.errors import ConfigError
 from locallearn.probing.features import TrainedRun
 from locallearn.probing.tasks import EWT_TASKS, SYNTHETIC_TASKS
 from locallearn.rundir import flatten
+from locallearn.sweeps import job_order, under
 
 # Settings that do not change what a run learns (where it writes, how it logs, how long between evaluations).
 # trainer: only these of its keys change the training itself.

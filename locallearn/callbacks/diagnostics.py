@@ -1,162 +1,23 @@
-"""Callbacks that turn a run into the outputs a researcher reads: summary.json, the TensorBoard layout,
-and the per-chunk loss diagnostics."""
+"""The callback that watches every chunk's loss curves while a run trains (the analysis is
+:mod:`locallearn.diagnostics`)."""
 
 import logging
 import math
-import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from locallearn import loss_plots
 from locallearn.atomic import write_json
+from locallearn.callbacks.tensorboard import tensorboard_logger
 from locallearn.checkpoint import last_checkpoint
 from locallearn.curve_fit import fit_curves
-from locallearn.diagnostics import (
-    Context,
-    DivergenceWatch,
-    Finding,
-    Thresholds,
-    check_thresholds,
-    diagnose,
-    divergence_finding,
-    report,
-    warmup_end,
-)
+from locallearn.detectors import DivergenceWatch, Thresholds, check_thresholds, warmup_end
+from locallearn.diagnostics import Context, Finding, diagnose, divergence_finding, report
 from locallearn.errors import ConfigError, TrainingDiverged
 
 log = logging.getLogger("locallearn.diagnostics")
-
-SUMMARY_CONFIG_KEYS = ("chunks", "mode", "seed", "model", "data", "chunking", "head", "objective", "optim",
-                       "schedule", "grad_clip")
-
-
-# One chart per metric, every chunk's curve on it (tags are regular expressions for TensorBoard).
-CHARTS = {
-    "train loss": r"^train/loss/chunk\d+$",
-    "val loss": r"^val/loss/chunk\d+$",
-    "val bits per token": r"^val/bpc/chunk\d+$",
-    "val bits, summed over loss terms": r"^val/bits_sum/chunk\d+$",  # objective=span: MLM + SBO
-    "val answer accuracy": r"^val/answer_acc/chunk\d+$",  # tasks (data=mqar|induction|khop) only
-    "val answer loss": r"^val/answer_loss/chunk\d+$",
-    "gradient norm": r"^train/grad_norm/chunk\d+$",
-    "learning rate": r"^train/lr/chunk\d+$",
-    "momentum": r"^train/momentum/chunk\d+$",
-    "hypergradient": r"^train/hypergrad/chunk\d+$",
-}
-
-
-def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
-    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-
-
-class TensorBoardLayout(L.Callback):
-    """Puts every chunk's curve of one metric on one shared chart (TensorBoard's Custom Scalars tab),
-    and logs the hyperparameters with the final metrics at the end of fit (HParams tab)."""
-
-    def on_fit_start(self, trainer, pl_module):
-        tb = _tensorboard(trainer)
-        if tb is None or trainer.global_rank != 0:
-            return
-        tb.experiment.add_custom_scalars({"per chunk": {title: ["Multiline", [tag]] for title, tag in CHARTS.items()}})
-
-    def on_fit_end(self, trainer, pl_module):
-        tb = _tensorboard(trainer)
-        if tb is None or pl_module.final_val is None:
-            return
-        config = pl_module.hparams.config
-        params = {"chunks": len(pl_module.net), "mode": pl_module.mode, "seed": config.get("seed")}
-        for group in ("model", "optim", "data"):
-            for key, value in (config.get(group) or {}).items():
-                if isinstance(value, (int, float, str, bool)) and not key.startswith("_"):
-                    params[f"{group}.{key}"] = value
-        metrics = {f"hparams/val_loss/chunk{k + 1}": v for k, v in enumerate(pl_module.final_val)}
-        metrics["hparams/best_val_loss"] = pl_module.best_val
-        for k, acc in enumerate((pl_module.final_answers or {}).get("acc", [])):
-            metrics[f"hparams/answer_acc/chunk{k + 1}"] = acc
-        tb.log_hyperparams(params, metrics)
-
-
-def answer_fields(answers: dict | None, datamodule) -> dict:
-    """The summary's answer metrics per chunk and their chance level (tasks only; nothing for corpora)."""
-    chance = getattr(datamodule, "chance", None)
-    if not chance:
-        return {}
-    def per_chunk(values):
-        return {f"chunk{k + 1}": v for k, v in enumerate(values)}
-
-    return {"answer_acc": per_chunk(answers["acc"]) if answers else None,
-            "answer_loss": per_chunk(answers["loss"]) if answers else None, "chance": chance}
-
-
-class RunSummary(L.Callback):
-    """Writes ``summary.json`` into the run directory at the end of fit (and if fit fails)."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self._start = None
-
-    def on_fit_start(self, trainer, pl_module):
-        self._start = time.perf_counter()
-
-    def summary(self, trainer, pl_module, status: str) -> dict:
-        config = pl_module.hparams.config
-        datamodule = trainer.datamodule
-        steps = trainer.global_step
-        tokens_per_step = datamodule.tokens_per_batch if datamodule is not None else None
-        final = pl_module.final_val
-        counts = pl_module.net.parameter_counts()
-        plan = pl_module.net.plan
-        per_process = pl_module.process_activation_bytes
-        out = {
-            "status": status,
-            "config": {k: config[k] for k in SUMMARY_CONFIG_KEYS if k in config},
-            "chunks": len(plan),
-            "layers": [list(c.layers) for c in plan],
-            "trained_layers": [list(c.trained) for c in plan],
-            "loss_weights": pl_module.loss_weights,
-            "switch_step": pl_module.switch_step,
-            "val_loss": {f"chunk{k + 1}": v for k, v in enumerate(final)} if final else None,
-            "best_val_loss": pl_module.best_val if final else None,
-            **answer_fields(pl_module.final_answers, datamodule),
-            "steps": steps,
-            "tokens_seen": steps * tokens_per_step if tokens_per_step else None,
-            "wall_time_s": time.perf_counter() - self._start if self._start else None,
-            "train_time_s": pl_module.train_seconds,
-            "tokens_per_s": (pl_module.train_steps_timed * tokens_per_step / pl_module.train_seconds
-                             if pl_module.train_seconds and tokens_per_step else None),
-            "parameters": {f"chunk{k + 1}": c for k, c in enumerate(counts)},
-            "flops_per_token": {f"chunk{k + 1}": f for k, f in enumerate(pl_module.flops_per_token or [])},
-            "parameters_total": sum(p.numel() for p in pl_module.parameters()),
-            # the most one process holds (in mode=pipeline each holds only its chunk's)
-            "activation_bytes_peak": max((b for b in per_process if b is not None), default=None),
-            "activation_bytes_per_process": per_process if len(per_process) > 1 else None,
-            "cuda_peak_allocated_bytes": pl_module.cuda_peak_bytes,
-            "unigram_entropy": datamodule.unigram_entropy() if datamodule is not None else None,
-            "vocab_size": pl_module.net.gpt.config.vocab_size,
-            "device": str(pl_module.device),
-        }
-        for cb in trainer.callbacks:  # callbacks that add their own results (the diagnostics)
-            if hasattr(cb, "summary_fields"):
-                out.update(cb.summary_fields(trainer))
-        return out
-
-    def _write(self, trainer, pl_module, status):
-        if trainer.global_rank == 0:
-            write_json(self.path, self.summary(trainer, pl_module, status))
-
-    def on_fit_end(self, trainer, pl_module):
-        self._write(trainer, pl_module, "finished")
-
-    def on_exception(self, trainer, pl_module, exception):
-        status = (f"diverged: {exception}" if isinstance(exception, TrainingDiverged)
-                  else f"failed: {type(exception).__name__}: {exception}")
-        try:
-            self._write(trainer, pl_module, status)
-        except OSError as e:  # the disk that failed the run may fail this too: the first error is the one to report
-            log.warning("could not write %s: %s", self.path, e)
 
 
 class Diagnostics(L.Callback):
@@ -307,7 +168,7 @@ class Diagnostics(L.Callback):
         if self.fit_curves and curves:
             loss_plots.curve_fits(curves, {k: f for k, f in fits.items() if not isinstance(f, str)},
                                   self.path.with_name("curve_fit.png"), at)
-        tb = _tensorboard(trainer)
+        tb = tensorboard_logger(trainer)
         if tb is not None:
             tb.experiment.add_text("diagnostics", text + ("\n\n" + "\n".join(fit_lines) if fit_lines else ""),
                                    trainer.global_step)

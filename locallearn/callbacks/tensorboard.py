@@ -1,0 +1,49 @@
+"""The TensorBoard layout: every chunk's curve of one metric on one chart, and the run's hyperparameters."""
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+
+# One chart per metric, every chunk's curve on it (tags are regular expressions for TensorBoard).
+CHARTS = {
+    "train loss": r"^train/loss/chunk\d+$",
+    "val loss": r"^val/loss/chunk\d+$",
+    "val bits per token": r"^val/bpc/chunk\d+$",
+    "val bits, summed over loss terms": r"^val/bits_sum/chunk\d+$",  # objective=span: MLM + SBO
+    "val answer accuracy": r"^val/answer_acc/chunk\d+$",  # tasks (data=mqar|induction|khop) only
+    "val answer loss": r"^val/answer_loss/chunk\d+$",
+    "gradient norm": r"^train/grad_norm/chunk\d+$",
+    "learning rate": r"^train/lr/chunk\d+$",
+    "momentum": r"^train/momentum/chunk\d+$",
+    "hypergradient": r"^train/hypergrad/chunk\d+$",
+}
+
+
+def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+class TensorBoardLayout(L.Callback):
+    """Puts every chunk's curve of one metric on one shared chart (TensorBoard's Custom Scalars tab),
+    and logs the hyperparameters with the final metrics at the end of fit (HParams tab)."""
+
+    def on_fit_start(self, trainer, pl_module):
+        tb = tensorboard_logger(trainer)
+        if tb is None or trainer.global_rank != 0:
+            return
+        tb.experiment.add_custom_scalars({"per chunk": {title: ["Multiline", [tag]] for title, tag in CHARTS.items()}})
+
+    def on_fit_end(self, trainer, pl_module):
+        tb = tensorboard_logger(trainer)
+        if tb is None or pl_module.final_val is None:
+            return
+        config = pl_module.hparams.config
+        params = {"chunks": len(pl_module.net), "mode": pl_module.mode, "seed": config.get("seed")}
+        for group in ("model", "optim", "data"):
+            for key, value in (config.get(group) or {}).items():
+                if isinstance(value, (int, float, str, bool)) and not key.startswith("_"):
+                    params[f"{group}.{key}"] = value
+        metrics = {f"hparams/val_loss/chunk{k + 1}": v for k, v in enumerate(pl_module.final_val)}
+        metrics["hparams/best_val_loss"] = pl_module.best_val
+        for k, acc in enumerate((pl_module.final_answers or {}).get("acc", [])):
+            metrics[f"hparams/answer_acc/chunk{k + 1}"] = acc
+        tb.log_hyperparams(params, metrics)

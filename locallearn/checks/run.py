@@ -1,0 +1,99 @@
+"""The run config's checks, once, before anything is read or built: each value in its range (the RUN table),
+then the checks that need several values at once."""
+
+from pathlib import Path
+
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig
+
+from locallearn.build import instantiate
+from locallearn.checks.specs import check_config
+from locallearn.checks.tables import RUN
+from locallearn.chunking import ChunkPlan
+from locallearn.errors import ConfigError
+from locallearn.switch import Switch
+
+
+def check_run(cfg: DictConfig) -> None:
+    """Raise a one-sentence :class:`ConfigError` for the first value or combination of ``cfg`` that cannot run."""
+    check_config(cfg, RUN)
+    strategy = get_class(cfg.strategy._target_)
+    if strategy.name != cfg.mode:
+        raise ConfigError(f"mode={cfg.mode} is set as a plain value but the strategy is {strategy.name}'s; choose the "
+                          f"mode as a config group: mode={cfg.mode} on the command line, or "
+                          f"'override /mode: {cfg.mode}' in an experiment's defaults.")
+    objective = instantiate(cfg.objective)
+    model_cfg = instantiate(cfg.model, vocab_size=1)  # checks the shape settings before the data loads
+    if model_cfg.causal != objective.causal:
+        raise ConfigError(
+            f"model.causal={model_cfg.causal} does not match objective={objective.name}, which needs "
+            f"{'causal' if objective.causal else 'bidirectional'} attention; drop the model.causal override "
+            f"(it follows the objective)."
+        )
+    chunking = cfg.chunking
+    if chunking.get("greedy") and cfg.chunks != model_cfg.n_layer:
+        raise ConfigError(f"chunking=greedy trains one chunk per block (chunks=model.n_layer={model_cfg.n_layer}) "
+                          f"but chunks={cfg.chunks}; drop the chunks override or use chunking=chunked.")
+    plan = ChunkPlan.build(model_cfg.n_layer, cfg.chunks, chunking.get("boundaries"), cfg.overlap)
+    check_loss_weights(cfg.get("loss_weights"), len(plan))
+    check_chunk_lr(cfg.optim.get("chunk_lr"), len(plan))
+    check_hypergrad_lr(cfg.optim.get("hypergrad_lr"))
+    Switch(**cfg.get("switch", {}))
+    if cfg.data.block_size < objective.min_block_size:
+        raise ConfigError(f"objective={objective.name} needs data.block_size >= {objective.min_block_size} but got "
+                          f"data.block_size={cfg.data.block_size}; raise it or use objective=mlm.")
+    if cfg.data.block_size > model_cfg.block_size:
+        raise ConfigError(
+            f"data.block_size={cfg.data.block_size} exceeds model.block_size={model_cfg.block_size}; "
+            f"the model has no position embedding past its block_size, so lower data.block_size."
+        )
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file to resume from.")
+    _check_schedule(cfg)
+    strategy.check(cfg)  # what the execution mode cannot run (mode=pipeline: overlap, the switch ...)
+    ddp = cfg.trainer.get("strategy")
+    if isinstance(ddp, str) and ddp.startswith("ddp"):
+        raise ConfigError(f"trainer.strategy={ddp} wraps the model in DistributedDataParallel, which syncs "
+                          f"gradients in every backward pass (mode=sequential runs one per chunk); use trainer=ddp, "
+                          f"whose strategy syncs them once per step.")
+
+
+def _check_schedule(cfg: DictConfig):
+    # Building the scheduler against a throwaway optimizer checks its settings now rather than at
+    # the first training step.
+    if cfg.get("schedule") is not None:
+        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        instantiate(cfg.schedule)(dummy, total_steps=cfg.trainer.max_steps)
+
+
+def check_loss_weights(weights, K: int) -> list[float]:
+    if weights is None:
+        return [1.0] * K
+    weights = [float(w) for w in weights]
+    if len(weights) != K or any(w < 0 for w in weights) or not any(weights):
+        raise ConfigError(f"loss_weights={weights} must hold {K} non-negative numbers (one per chunk), "
+                          f"not all zero.")
+    return weights
+
+
+def check_chunk_lr(chunk_lr, K: int) -> list[float] | None:
+    if chunk_lr is None:
+        return None
+    try:
+        rates = [float(r) for r in chunk_lr]
+    except (TypeError, ValueError):
+        rates = []
+    if len(rates) != K or not all(r > 0 for r in rates):
+        raise ConfigError(f"optim.chunk_lr={list(chunk_lr) if rates else chunk_lr} must hold {K} positive learning "
+                          f"rates (one per chunk), e.g. from analysis/lr_range_test.py, or be null for optim.lr.")
+    return rates
+
+
+def check_hypergrad_lr(beta) -> float | None:
+    if beta is None:
+        return None
+    if not isinstance(beta, (int, float)) or beta <= 0:
+        raise ConfigError(f"optim.hypergrad_lr={beta} must be a positive hypergradient step size (the paper uses "
+                          f"about 1e-7 with Adam) or null to keep the schedule's learning rates.")
+    return float(beta)
