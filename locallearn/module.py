@@ -6,8 +6,8 @@ optimizer with a decay and a no-decay param group per chunk (tagged ``chunk=k``)
 ``trainer.global_step`` counts batches, each chunk's gradients are clipped on their own (in the
 global phase of a local-to-global switch, the total norm, as end to end), and each chunk can have
 its own learning rate (``optim.chunk_lr``), adapted online if asked (``optim.hypergrad_lr``).
-Clipping, the LR scheduler and the hypergradient step are called here, in ``training_step``, as
-manual optimization requires.
+Manual optimization leaves clipping, the LR scheduler and the hypergradient step to us: every strategy
+calls them through :meth:`LocalLearner.update`, the one chunk update (:func:`locallearn.execution.update`).
 """
 
 import logging
