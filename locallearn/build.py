@@ -48,7 +48,7 @@ def make_net(cfg: DictConfig, objective, vocab_size: int) -> ChunkedGPT:
     return net
 
 
-def make_module(cfg: DictConfig, net: ChunkedGPT, objective, switch: Switch | None = None) -> LocalLearner:
+def make_module(cfg: DictConfig, net: ChunkedGPT, objective) -> LocalLearner:
     """The LightningModule that trains ``net`` as ``cfg`` says."""
     return LocalLearner(
         net, objective,
@@ -57,7 +57,7 @@ def make_module(cfg: DictConfig, net: ChunkedGPT, objective, switch: Switch | No
         scheduler=instantiate(cfg.schedule) if cfg.get("schedule") is not None else None,
         grad_clip=cfg.grad_clip,
         loss_weights=cfg.get("loss_weights"),
-        switch=switch or Switch(**cfg.get("switch", {})),
+        switch=Switch(**cfg.get("switch", {})),
         seed=cfg.seed,
         config=OmegaConf.to_container(cfg, resolve=True),
         chunk_lr=cfg.optim.get("chunk_lr"),
