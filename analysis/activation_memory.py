@@ -1,7 +1,7 @@
 """Activation memory per training step, by number of chunks and execution mode.
 
 Counts the bytes autograd saves for backward in one training step (the peak held at any one time,
-see locallearn.memory), on the CPU, deterministically. Prints a markdown table and writes JSON.
+see locallearn.training.memory), on the CPU, deterministically. Prints a markdown table and writes JSON.
 
     python analysis/activation_memory.py                       # model=small, batch 12, vocab 65
     python analysis/activation_memory.py --model base --batch 8 --chunks 1 2 4 8 --out mem.json
@@ -14,14 +14,14 @@ import torch
 from omegaconf import OmegaConf
 
 from locallearn.atomic import write_json
-from locallearn.chunked import ChunkedGPT
-from locallearn.chunking import ChunkPlan
 from locallearn.config import compose_run_config
-from locallearn.execution import joint_backward, sequential_backward
-from locallearn.heads import LinearHead
-from locallearn.memory import SavedTensorMeter
-from locallearn.model import GPT, GPTConfig
-from locallearn.objectives import CausalLM
+from locallearn.model.chunked import ChunkedGPT
+from locallearn.model.gpt import GPT, GPTConfig
+from locallearn.model.heads import LinearHead
+from locallearn.model.objectives import CausalLM
+from locallearn.model.plan import ChunkPlan
+from locallearn.training.memory import SavedTensorMeter
+from locallearn.training.update import joint_backward, sequential_backward
 
 BACKWARD = {"joint": joint_backward, "sequential": sequential_backward}  # pipeline: per process, sequential's
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"

@@ -5,7 +5,7 @@
     python analysis/bench.py --device cuda --set model=base data.batch_size=32
     python analysis/bench.py --modes joint sequential --compile   # and compile=true (torch.compile of the blocks)
 
-Each configuration trains in a fresh process (locallearn/benchmark.py) through the real config and
+Each configuration trains in a fresh process (locallearn/measure.py) through the real config and
 Lightning, with validation and checkpoints off: median step time and tokens/s over --steps steps
 after --warmup (the fastest of --repeats processes), peak bytes saved for backward in one step (the
 most any one process holds), the CUDA allocator peak, the peak resident memory of the processes,
@@ -29,20 +29,31 @@ ROOT = Path(__file__).resolve().parents[1]
 REPEATS = 3
 
 
-def run_one(overrides, steps, warmup, bare=False, threads=None) -> dict:
+def measure_in_process(args: dict) -> dict | str:
+    """``python -m locallearn.measure <args>`` in a fresh process: its JSON result, or its last error line."""
+    proc = subprocess.run([sys.executable, "-m", "locallearn.measure", json.dumps(args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        return (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_one(overrides, steps, warmup, bare=False, threads=None, kind=None) -> dict:
     """The configuration in ``REPEATS`` fresh processes; the one with the lowest median step time (timings of
-    identical processes differ by up to 10% on a shared machine; the fastest is the least disturbed)."""
-    args = {"overrides": overrides, "steps": steps, "warmup": warmup, "bare": bare, "threads": threads}
+    identical processes differ by up to 10% on a shared machine; the fastest is the least disturbed).
+    ``kind="profile"``: one process, where its step time goes (locallearn.measure.profile_ops)."""
+    kind = kind or ("bare" if bare else "lightning")
+    args = {"overrides": overrides, "steps": steps, "warmup": warmup, "kind": kind, "threads": threads}
     runs = []
-    for _ in range(REPEATS):
-        proc = subprocess.run([sys.executable, "-m", "locallearn.benchmark", json.dumps(args)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=3600)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    for _ in range(1 if kind in ("profile", "blocks") else REPEATS):
+        result = measure_in_process(args)
+        if isinstance(result, str):
             setting = dict(o.split("=", 1) for o in overrides)
-            return {"overrides": overrides, "error": tail, "chunks": int(setting.get("chunks", 0)),
+            return {"overrides": overrides, "error": result, "chunks": int(setting.get("chunks", 0)),
                     "mode": ("bare " if bare else "") + setting.get("mode", "?")}
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        runs.append(result)
+    if kind in ("profile", "blocks"):
+        return runs[0]
     best = min(runs, key=lambda r: r["step_ms"])
     best["step_ms_repeats"] = [r["step_ms"] for r in runs]
     return best
@@ -95,7 +106,21 @@ def main(argv=None) -> int:
         if "error" not in one:
             one["mode"] = "sequential, 1 thread"
             rows.append(one)
+    interleaved = None
+    if "sequential" in args.modes and max(args.chunks) > 1:
+        # the step-time ratio K=max / K=1, both built in one process and stepped in turn
+        configs = [[*base, f"chunks={k}", "mode=sequential"] for k in (1, max(args.chunks))]
+        interleaved = measure_in_process({"configs": configs, "steps": args.steps, "warmup": args.warmup,
+                                          "kind": "interleaved"})
+    profiles = []
+    if "sequential" in args.modes or args.compile:
+        # where a step's time goes, eager: what compile can reach, and what the extra chunks cost
+        mode = "sequential" if "sequential" in args.modes else args.modes[0]
+        for k in sorted({1, max(args.chunks)}):
+            profiles.append(run_one([*base, f"chunks={k}", f"mode={mode}"], args.steps, args.warmup, kind="profile"))
+    blocks = None
     if args.compile:
+        blocks = run_one([*base, "chunks=1"], args.steps, args.warmup, kind="blocks")
         for mode in [m for m in args.modes if m != "pipeline"]:
             for k in sorted({1, max(args.chunks)}):
                 row = run_one([*base, f"chunks={k}", f"mode={mode}", "compile=true"], args.steps, args.warmup)
@@ -121,6 +146,15 @@ def main(argv=None) -> int:
               f"{_fmt_bytes(r['activation_bytes'])} | {m_ratio} | {_fmt_bytes(r['peak_rss_bytes'])} | "
               f"{_fmt_bytes(r['cuda_peak_allocated_bytes'])} | {r['aux_head_flop_share']:.1%} |")
 
+    good = [p for p in profiles if "error" not in p]
+    if good:
+        print("\n| where a bare-loop step's CPU time goes (torch.profiler) | chunks | GEMMs | attention | "
+              "everything else | total | compile's ceiling (1 / library share) |\n|---|---|---|---|---|---|---|")
+        for p in good:
+            ms = p["ms_per_step"]
+            print(f"| {p['mode']} | {p['chunks']} | {ms['matmul']:.1f} ms | {ms['attention']:.1f} ms | "
+                  f"{ms['other']:.1f} ms | {p['total_ms']:.1f} ms | {1 / p['library_share']:.2f}x |")
+
     def get(mode, k):
         return next((r for r in ok if r["mode"] == mode and r["chunks"] == k), None)
 
@@ -132,6 +166,10 @@ def main(argv=None) -> int:
                        s1["activation_bytes"], ">= 0.60", 1 - s4["activation_bytes"] / s1["activation_bytes"] >= 0.6))
         checks.append(("sequential step time K=4 / K=1", s4["step_ms"] / s1["step_ms"], "<= 1.05",
                        s4["step_ms"] / s1["step_ms"] <= 1.05))
+    if isinstance(interleaved, dict):
+        ratio = interleaved["ratio_to_first"][1]
+        checks.append((f"  the same, K={max(args.chunks)} / K=1 stepped in turn in one process (bare loop)", ratio,
+                       "<= 1.05", ratio <= 1.05))
     if s2 and p2:
         checks.append(("pipeline K=2 / sequential K=2 tokens/s", p2["tokens_per_s"] / s2["tokens_per_s"], ">= 1.6",
                        p2["tokens_per_s"] / s2["tokens_per_s"] >= 1.6))
@@ -144,6 +182,9 @@ def main(argv=None) -> int:
     if bare and j1:
         checks.append(("Lightning K=1 / bare PyTorch step time", j1["step_ms"] / bare["step_ms"], "<= 1.05",
                        j1["step_ms"] / bare["step_ms"] <= 1.05))
+    if blocks and "error" not in blocks:
+        checks.append(("  bound: the blocks alone, compiled / eager forward+backward time", blocks["speedup"],
+                       "(>= 1.3 to be possible)", blocks["speedup"] >= 1.3))
     for mode in args.modes:
         for k in sorted({1, max(args.chunks)}):
             eager, compiled = get(mode, k), get(f"{mode}, compiled", k)
@@ -154,11 +195,12 @@ def main(argv=None) -> int:
         print("\n| target | measured | wanted | met |\n|---|---|---|---|")
         for name, value, wanted, met in checks:
             print(f"| {name} | {value:.3f} | {wanted} | {'yes' if met else 'no'} |")
-    write_text(args.out, json.dumps({"settings": {"overrides": base, "steps": args.steps, "warmup": args.warmup,
-                                                 "repeats": args.repeats, "compile": args.compile,
-                                                 "device": args.device, "cpu_count": os.cpu_count()},
-                                    "rows": rows, "targets": [dict(zip(("target", "measured", "wanted", "met"), c))
-                                                              for c in checks]}, indent=2))
+    settings = {"overrides": base, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+                "compile": args.compile, "device": args.device, "cpu_count": os.cpu_count()}
+    targets = [dict(zip(("target", "measured", "wanted", "met"), c)) for c in checks]
+    write_text(args.out, json.dumps({"settings": settings, "rows": rows, "profiles": profiles, "blocks": blocks,
+                                     "interleaved": interleaved, "targets": targets},
+                                    indent=2))
     print(f"\nwrote {args.out}")
     return 0
 

@@ -11,9 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from locallearn.compare import write_report
+from locallearn.analysis.compare import write_report
+from locallearn.analysis.sweeps import report_dir
 from locallearn.errors import ConfigError
-from locallearn.sweeps import report_dir
 
 
 def main(argv=None) -> int:

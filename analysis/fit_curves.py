@@ -13,7 +13,7 @@ beside a single run).
 
 A fit whose chunk's logged LR (train/lr/chunk{k}) was not constant under the fitted points (the default
 cosine schedule), or that the data do not identify, is not extrapolated: no prediction, no switch step,
-no curve past the data, and the reason instead (locallearn.curve_fit.PowerLaw.not_extrapolated).
+no curve past the data, and the reason instead (locallearn.analysis.curve_fit.PowerLaw.not_extrapolated).
 """
 
 import argparse
@@ -22,11 +22,11 @@ import math
 import sys
 from pathlib import Path
 
-from locallearn import loss_plots
+from locallearn.analysis import loss_plots
+from locallearn.analysis.curve_fit import fit_runs, gap_crossing, reference_for
+from locallearn.analysis.sweeps import report_dir
 from locallearn.atomic import atomic_open, write_text
-from locallearn.curve_fit import fit_runs, gap_crossing, reference_for
 from locallearn.errors import ConfigError
-from locallearn.sweeps import report_dir
 
 
 def _name(run_fits) -> str:

@@ -20,17 +20,17 @@ from omegaconf import DictConfig, open_dict
 from torch.utils.tensorboard import SummaryWriter
 
 import locallearn  # noqa: F401  (registers the ${ll.*} resolvers conf/ uses)
-from locallearn import loss_plots
+from locallearn.analysis import loss_plots
 from locallearn.atomic import atomic_open, write_json
 from locallearn.build import quiet_lightning
 from locallearn.checks import LR_RANGE, check_config
 from locallearn.cli import prepare_command_line
 from locallearn.errors import ConfigError
-from locallearn.lr_range import RangeSettings, run
 from locallearn.rundir import save_hydra_files
 from locallearn.train import build
+from locallearn.training.lr_range_test import RangeSettings, run
 
-log = logging.getLogger("locallearn.lr_range")
+log = logging.getLogger("locallearn.training.lr_range_test")
 
 
 def settings_of(cfg: DictConfig) -> tuple[RangeSettings, str, str]:

@@ -8,7 +8,7 @@ previous version of the file readable (and at worst a hidden ``.<name>.*.tmp`` f
 error paths this process survives remove it).
 
 Everything the package writes goes through :func:`atomic_open` (or the helpers below it):
-checkpoints (:class:`locallearn.checkpoint.AtomicCheckpointIO`), JSON/YAML/CSV/Markdown results and
+checkpoints (:class:`locallearn.training.checkpoint.AtomicCheckpointIO`), JSON/YAML/CSV/Markdown results and
 PNG figures. TensorBoard event files are append-only logs and are left to TensorBoard.
 """
 

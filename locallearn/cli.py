@@ -8,9 +8,19 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from locallearn.config import CONF_DIR, quote
+from locallearn.config import CONF_DIR, quote, upgrade_override
 from locallearn.errors import ConfigError
 from locallearn.rundir import expand_resume
+
+
+def check_renamed(overrides: list[str]) -> None:
+    """Raise a one-sentence :class:`ConfigError` for an override an older version took (``chunking=greedy``)."""
+    for arg in overrides:
+        now = upgrade_override(arg)
+        if now != arg:
+            instead = f"write {now}" if now else "drop it (it is the default)"
+            raise ConfigError(f"{arg} is an older name: {instead}; the chunk plan's keys are top-level now "
+                              f"(chunks, boundaries, overlap).")
 
 
 def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
@@ -175,6 +185,7 @@ def prepare_command_line(argv: list[str], config_name: str = "config", path_keys
     check group options and keys (one sentence for a bad one), and for run.py expand ``resume=<run dir>``."""
     flags, overrides = split_flags(argv)
     overrides = quote_values(overrides, path_keys)
+    check_renamed(overrides)
     check_group_choices(overrides)
     if resume:  # resume=<run dir>: that run's overrides, checkpoint and directory
         overrides = expand_resume(overrides, multirun=bool({"-m", "--multirun"} & set(flags)))

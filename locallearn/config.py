@@ -9,12 +9,20 @@
   where ``override_dirname`` is that job's ("chunks=1"). This resolver is cached, and OmegaConf keys
   its cache by the argument's unresolved text; the launcher resolves it first, Hydra copies resolver
   caches into every job (as it does for ``${now:}``), so all jobs of a sweep share one directory.
+
+It also says what a run's config *is*: the keys that define a run (:data:`IDENTITY`, which a resumed run or a
+checkpoint must share), how two configs differ, and :func:`instantiate`.
 """
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import OmegaConf
+
+from locallearn.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -38,6 +46,62 @@ def quote(value: str) -> str:
     return f"'{value}'" if "'" not in value else f'"{value}"'
 
 
+# Where the classes and functions a run's config names lived before the package was grouped into
+# sub-packages (issue 15): a run saved before still loads, is probed and resumes with its own config.
+LEGACY_TARGETS = {
+    "locallearn.heads.": "locallearn.model.heads.",
+    "locallearn.objectives.": "locallearn.model.objectives.",
+    "locallearn.schedules.": "locallearn.training.schedules.",
+    "locallearn.execution.": "locallearn.training.strategies.",
+    "locallearn.callbacks.": "locallearn.training.callbacks.",
+    "locallearn.checkpoint.": "locallearn.training.checkpoint.",
+    "locallearn.ddp.": "locallearn.training.ddp.",
+}
+
+
+# Overrides an older version took, as they read now: the chunk plan's keys were a group (chunking=greedy,
+# chunking.boundaries=[1,3]) before they were all top-level (issue 15).
+RENAMED = {"chunking=greedy": "variant=greedy", "chunking=chunked": "", "chunking.boundaries=": "boundaries="}
+
+
+def upgrade_override(override: str) -> str:
+    """``override`` as it reads now ("" when it is the default); unchanged unless :data:`RENAMED` has it."""
+    for old, new in RENAMED.items():
+        if override.lstrip("+") == old or (old.endswith("=") and override.lstrip("+").startswith(old)):
+            return new + override.lstrip("+")[len(old):] if old.endswith("=") else new
+    return override
+
+
+def upgrade_targets(node):
+    """``node`` (a plain container) with every ``_target_`` of :data:`LEGACY_TARGETS` renamed to its place now."""
+    if isinstance(node, Mapping):
+        return {k: _current(v) if k == "_target_" else upgrade_targets(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [upgrade_targets(v) for v in node]
+    return node
+
+
+def _current(target):
+    for old, new in LEGACY_TARGETS.items():
+        if isinstance(target, str) and target.startswith(old):
+            return new + target[len(old):]
+    return target
+
+
+def load_saved(path, resolve: bool = False):
+    """A run's saved ``config.yaml`` as a DictConfig, as this version names things (:func:`upgrade_targets`)."""
+    return OmegaConf.create(upgrade_config(OmegaConf.to_container(OmegaConf.load(path), resolve=resolve)))
+
+
+def upgrade_config(saved: dict) -> dict:
+    """A run config an older version saved (``config.yaml``, a checkpoint's), as this version names things."""
+    saved = dict(saved)
+    if isinstance(saved.get("chunking"), Mapping):  # the chunk plan's group before its keys were top-level
+        saved["boundaries"] = saved.pop("chunking").get("boundaries")
+    saved.setdefault("interlock", 1)  # before n-wise interlocking, every run was interlock=1
+    return upgrade_targets(saved)
+
+
 def compose_run_config(output_dir, overrides=(), config_name: str = "config"):
     """The run config exactly as ``python run.py <overrides>`` would see it, writing to ``output_dir``
     (for code that runs training without the command line: tests, benchmarks)."""
@@ -55,3 +119,48 @@ def compose_run_config(output_dir, overrides=(), config_name: str = "config"):
     with open_dict(cfg):
         del cfg.hydra
     return cfg
+
+
+IDENTITY = ("model", "data", "chunks", "boundaries", "overlap", "interlock", "head", "objective", "seed",
+            "optim._target_", "schedule._target_")
+
+
+def under(key: str, names) -> bool:
+    """Whether ``key`` is one of ``names`` or inside one of them ("switch.at" is under "switch")."""
+    return any(key == n or key.startswith(n + ".") or key.startswith(n + "/") for n in names)
+
+
+def flatten(node, prefix: str = "") -> dict:
+    """A nested mapping as {dotted key: leaf}."""
+    if isinstance(node, Mapping):
+        out = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def differences(have: Mapping, want: Mapping, keys=IDENTITY, ignore=()) -> list[str]:
+    """``key=value (the run has x)`` for every setting under ``keys`` (groups or dotted keys; not in ``ignore``)
+    where ``want`` differs from ``have``."""
+    a = {k: v for k, v in flatten(have).items() if under(k, keys)}
+    b = {k: v for k, v in flatten(want).items() if under(k, keys)}
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key not in ignore and a.get(key, "<unset>") != b.get(key, "<unset>"):
+            out.append(f"{key}={b.get(key, '<unset>')} (the run has {a.get(key, '<unset>')})")
+    return out
+
+
+def summarize(diffs: list[str], n: int = 4) -> str:
+    return ", ".join(diffs[:n]) + (f" and {len(diffs) - n} more" if len(diffs) > n else "")
+
+
+def instantiate(node, *args, **kwargs):
+    """``hydra.utils.instantiate``, letting our one-sentence :class:`ConfigError` through unwrapped."""
+    try:
+        return hydra_instantiate(node, *args, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise

@@ -19,7 +19,6 @@ These checks run in :class:`RunDirectory`, a Hydra callback (conf/hydra/default.
 import fcntl
 import os
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -28,14 +27,11 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from locallearn.atomic import write_text
 from locallearn.checks import LR_RANGE, PROBING, RUN, check_config
-from locallearn.config import quote
+from locallearn.config import IDENTITY, differences, load_saved, quote, summarize, upgrade_override
 from locallearn.errors import ConfigError
-from locallearn.sweeps import under
 
 # What makes a run the run it is: a continuation (resume=) must keep all of these (whole groups, or single
 # keys: another optimizer or schedule could not take over the checkpoint's state).
-IDENTITY = ("model", "data", "chunks", "chunking", "overlap", "head", "objective", "seed", "optim._target_",
-            "schedule._target_")
 LOCK = ".lock"  # held (flock) by the process that runs in the directory, for as long as it lives
 _locks: dict[str, int] = {}  # directory -> the open file descriptor of its lock
 # Overrides of the original run that a continuation replaces rather than repeats.
@@ -81,35 +77,10 @@ def expand_resume(overrides: list[str], multirun: bool = False) -> list[str]:
                           f"validation), so there is nothing to continue; start it again as a new run.")
     new = [a for a in argv if _key(a) != "resume"]
     replaced = {_key(a) for a in new} | set(_RESUME_KEYS)
-    original = [o for o in (yaml.safe_load(overrides.read_text()) or []) if _key(o) not in replaced]
+    saved = [upgrade_override(o) for o in yaml.safe_load(overrides.read_text()) or []]
+    original = [o for o in saved if o and _key(o) not in replaced]
     return [*original, *new, f"resume={quote(str(run_dir))}", f"ckpt_path={quote(str(last))}",
             f"hydra.run.dir={quote(str(run_dir))}"]
-
-
-def flatten(node, prefix: str = "") -> dict:
-    """A nested mapping as {dotted key: leaf}."""
-    if isinstance(node, Mapping):
-        out = {}
-        for k, v in node.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
-
-
-def differences(have: Mapping, want: Mapping, keys=IDENTITY, ignore=()) -> list[str]:
-    """``key=value (the run has x)`` for every setting under ``keys`` (groups or dotted keys; not in ``ignore``)
-    where ``want`` differs from ``have``."""
-    a = {k: v for k, v in flatten(have).items() if under(k, keys)}
-    b = {k: v for k, v in flatten(want).items() if under(k, keys)}
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if key not in ignore and a.get(key, "<unset>") != b.get(key, "<unset>"):
-            out.append(f"{key}={b.get(key, '<unset>')} (the run has {a.get(key, '<unset>')})")
-    return out
-
-
-def summarize(diffs: list[str], n: int = 4) -> str:
-    return ", ".join(diffs[:n]) + (f" and {len(diffs) - n} more" if len(diffs) > n else "")
 
 
 def claim_fresh(path: Path) -> Path:
@@ -181,7 +152,7 @@ def _set(config: DictConfig, key: str, value: Path) -> None:
 
 def _check_continuation(config: DictConfig) -> None:
     run_dir = Path(str(config.hydra.run.dir))
-    saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+    saved = OmegaConf.to_container(load_saved(run_dir / "config.yaml"))
     now = {k: _plain(config[k]) for k in {key.split(".")[0] for key in IDENTITY} if k in config}
     diffs = differences(saved, now)
     if diffs:

@@ -15,12 +15,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from locallearn.atomic import write_json, write_text
-from locallearn.build import instantiate, make_module, make_net, quiet_lightning
-from locallearn.checkpoint import check_compatible, last_checkpoint
+from locallearn.build import make_module, quiet_lightning
 from locallearn.checks.run import check_run
+from locallearn.config import instantiate
 from locallearn.errors import ConfigError, OutputError
-from locallearn.module import LocalLearner
+from locallearn.model.chunked import make_net
 from locallearn.rundir import save_hydra_files
+from locallearn.training.checkpoint import check_compatible, last_checkpoint
+from locallearn.training.learner import LocalLearner
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +139,8 @@ def end_to_end_command() -> str | None:
     ``chunks=1`` (None outside a Hydra job)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from locallearn.sweeps import LOCAL_KEYS, under
+    from locallearn.analysis.sweeps import LOCAL_KEYS
+    from locallearn.config import under
 
     if not HydraConfig.initialized():
         return None

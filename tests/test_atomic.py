@@ -13,7 +13,7 @@ from conftest import FullDisk
 
 import locallearn.atomic
 from locallearn.atomic import atomic_open, write_json, write_text
-from locallearn.checkpoint import AtomicCheckpointIO
+from locallearn.training.checkpoint import AtomicCheckpointIO
 
 
 def test_a_writer_that_dies_half_way_leaves_the_old_file(tmp_path):

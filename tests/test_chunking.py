@@ -1,6 +1,6 @@
 import pytest
 
-from locallearn.chunking import ChunkPlan
+from locallearn.model.plan import ChunkPlan
 
 
 def layers(plan):

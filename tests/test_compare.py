@@ -10,9 +10,9 @@ import pytest
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from locallearn.compare import table_rows, write_report
+from locallearn.analysis.compare import table_rows, write_report
+from locallearn.analysis.sweeps import collect, groups
 from locallearn.config import PROJECT_ROOT
-from locallearn.sweeps import collect, groups
 from tests.conftest import tiny_args
 
 
@@ -169,7 +169,7 @@ def depth_sweep(root, values: dict[str, list[float]], accs: dict[str, list[float
 
 
 def test_share_of_the_depth_benefit_kept_by_hand(tmp_path):
-    from locallearn.depth_benefit import rows
+    from locallearn.analysis.depth_benefit import rows
 
     losses = {"end_to_end": [1.0, 1.1, 1.2], "shallow2": [2.0, 2.1, 2.2], "shallow1": [3.0, 3.1, 3.2],
               "chunks2": [1.5, 1.35, 1.7], "chunked": [2.0, 2.1, 2.2]}
@@ -200,7 +200,7 @@ def test_share_of_the_depth_benefit_kept_by_hand(tmp_path):
 
 
 def test_kept_is_not_reported_where_depth_buys_nothing(tmp_path):
-    from locallearn.depth_benefit import rows
+    from locallearn.analysis.depth_benefit import rows
 
     losses = {"end_to_end": [2.0, 2.1, 1.9], "shallow2": [2.01, 2.05, 1.98], "chunks2": [2.0, 2.0, 2.0]}
     root = depth_sweep(tmp_path / "m", losses)

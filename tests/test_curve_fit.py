@@ -11,9 +11,9 @@ import pytest
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from locallearn import loss_plots
+from locallearn.analysis import loss_plots
+from locallearn.analysis.curve_fit import CurveTooShort, fit_curves, fit_power_law, gap_crossing, lr_note
 from locallearn.config import PROJECT_ROOT
-from locallearn.curve_fit import CurveTooShort, fit_curves, fit_power_law, gap_crossing, lr_note
 
 STEPS = np.arange(250, 5001, 250)
 NOT_A_POWER_LAW = [3.12, 3.09, 3.15, 3.16, 2.97, 2.90, 2.83, 2.75]  # climbs at a too-high LR, falls as it decays

@@ -11,9 +11,16 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from locallearn.analysis.detectors import (
+    DivergenceWatch,
+    Thresholds,
+    find_overfitting,
+    find_plateaus,
+    find_rising,
+    find_spikes,
+)
+from locallearn.analysis.diagnose import Context, diagnose
 from locallearn.config import PROJECT_ROOT
-from locallearn.detectors import DivergenceWatch, Thresholds, find_overfitting, find_plateaus, find_rising, find_spikes
-from locallearn.diagnostics import Context, diagnose
 from locallearn.errors import ConfigError
 from locallearn.train import build, train
 from tests.conftest import TINY

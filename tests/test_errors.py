@@ -43,15 +43,15 @@ SYNTHETIC_CASES = [
     pytest.param(["chunks=0"], ["chunks=0", "at least 1"], id="chunks=0"),
     pytest.param(["chunks=-1"], ["chunks=-1", "at least 1"], id="chunks=-1"),
     pytest.param(["chunks=5"], ["chunks=5", "model.n_layer=4", "chunks<=4"], id="chunks=5>n_layer"),
-    pytest.param(["chunks=3", "chunking.boundaries=[3,2]"], ["boundaries=[3, 2]", "strictly increasing"],
+    pytest.param(["chunks=3", "boundaries=[3,2]"], ["boundaries=[3, 2]", "strictly increasing"],
                  id="boundaries-not-increasing"),
-    pytest.param(["chunks=3", "chunking.boundaries=[2,2]"], ["boundaries=[2, 2]", "strictly increasing"],
+    pytest.param(["chunks=3", "boundaries=[2,2]"], ["boundaries=[2, 2]", "strictly increasing"],
                  id="boundaries-repeated"),
-    pytest.param(["chunks=3", "chunking.boundaries=[0,2]"], ["boundaries=[0, 2]", "1..3"], id="boundary-0"),
-    pytest.param(["chunks=3", "chunking.boundaries=[2,4]"], ["boundaries=[2, 4]", "1..3"], id="boundary-n_layer"),
-    pytest.param(["chunks=3", "chunking.boundaries=[2]"], ["boundaries=[2]", "chunks=3", "pass chunks=2"],
+    pytest.param(["chunks=3", "boundaries=[0,2]"], ["boundaries=[0, 2]", "1..3"], id="boundary-0"),
+    pytest.param(["chunks=3", "boundaries=[2,4]"], ["boundaries=[2, 4]", "1..3"], id="boundary-n_layer"),
+    pytest.param(["chunks=3", "boundaries=[2]"], ["boundaries=[2]", "chunks=3", "pass chunks=2"],
                  id="boundaries-vs-chunks"),
-    pytest.param(["chunks=2", "chunking.boundaries=[1,2,3]"], ["boundaries=[1, 2, 3]", "chunks=2", "pass chunks=4"],
+    pytest.param(["chunks=2", "boundaries=[1,2,3]"], ["boundaries=[1, 2, 3]", "chunks=2", "pass chunks=4"],
                  id="boundaries-vs-chunks-more"),
     pytest.param(["data.block_size=32"], ["data.block_size=32", "model.block_size=16", "lower data.block_size"],
                  id="data.block_size>model"),
@@ -98,8 +98,8 @@ def test_bad_text_data_fails_in_build(make_text_cfg, files, overrides, expected)
     [
         (["chunks=4"], 4),
         (["chunks=1"], 1),
-        (["chunks=3", "chunking.boundaries=[1,3]"], 3),
-        (["chunks=null", "chunking.boundaries=[3]"], 2),
+        (["chunks=3", "boundaries=[1,3]"], 3),
+        (["chunks=null", "boundaries=[3]"], 2),
         (["schedule.warmup_steps=5"], 2),
         (["data.block_size=16"], 2),
         (["mode=sequential"], 2),
@@ -157,8 +157,8 @@ def test_an_unknown_mode_is_one_sentence_naming_the_modes():
 
 
 def test_the_mode_group_selects_its_strategy(make_cfg):
-    from locallearn.execution import Sequential
     from locallearn.pipeline.strategy import PipelineStrategy
+    from locallearn.training.strategies import Sequential
 
     assert isinstance(build(make_cfg("mode=sequential")).module.strategy, Sequential)
     strategy = build(make_cfg("mode=pipeline", "pipeline.threads=1")).module.strategy

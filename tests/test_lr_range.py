@@ -11,8 +11,8 @@ import pytest
 
 from locallearn.config import PROJECT_ROOT
 from locallearn.errors import ConfigError
-from locallearn.lr_range import SMOOTH_FRACTION, RangeSettings, run
 from locallearn.train import build
+from locallearn.training.lr_range_test import SMOOTH_FRACTION, RangeSettings, run
 from tests.conftest import TINY, tiny_overrides
 
 RANGE = RangeSettings(lr_min=1e-5, lr_max=10.0, steps=60)

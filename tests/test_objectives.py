@@ -10,11 +10,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from locallearn.callbacks import CHARTS
 from locallearn.errors import ConfigError
-from locallearn.model import GPTConfig
-from locallearn.objectives import IGNORE, CausalLM, MaskedLM, Prepared, SpanMasking, span_lengths
+from locallearn.model.gpt import GPTConfig
+from locallearn.model.objectives import IGNORE, CausalLM, MaskedLM, Prepared, SpanMasking, span_lengths
 from locallearn.train import build, train
+from locallearn.training.callbacks import CHARTS
 
 V = 50
 

@@ -110,6 +110,7 @@ def test_a_dead_chunk_process_stops_the_run_naming_it_and_keeps_the_checkpoint(t
 
 @pytest.mark.parametrize("overrides, message", [
     (["chunks=2", "overlap=1"], "overlap=1 trains blocks of the previous chunk, which live in another process"),
+    (["chunks=2", "interlock=2"], "interlock=2 trains the blocks of earlier chunks, which live in other processes"),
     (["chunks=2", "switch.at=0.5"], "switch.at=0.5 needs gradients across chunks"),
     (["chunks=2", "optim.hypergrad_lr=1e-6"], "optim.hypergrad_lr=1e-06 is not supported with mode=pipeline"),
     (["chunks=2", "trainer.accelerator=gpu"] if not torch.cuda.is_available() else ["chunks=99"],
@@ -181,7 +182,17 @@ def test_bench_runs_on_the_tiny_model_and_writes_its_table(tmp_path):
                            "--out", str(out)],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    profiles = result["profiles"]  # where the eager step's time goes, K=1 and the largest K
+    assert [(p["mode"], p["chunks"]) for p in profiles] == [("profile sequential", 1), ("profile sequential", 2)]
+    for p in profiles:
+        assert 0 < p["library_share"] < 1 and p["ms_per_step"]["matmul"] > 0 and p["ms_per_step"]["attention"] > 0
+        assert sum(p["ms_per_step"].values()) == pytest.approx(p["total_ms"])
+    assert "| profile sequential | 2 |" in proc.stdout
+    steps = result["interleaved"]["step_ms"]  # K=1 and K=2 stepped in turn in one process
+    assert len(steps) == 2 and result["interleaved"]["ratio_to_first"] == pytest.approx([1, steps[1] / steps[0]])
+    assert "K=2 / K=1 stepped in turn in one process" in proc.stdout
     assert [(r["mode"], r["chunks"]) for r in rows] == [("bare joint", 1), ("sequential", 1), ("sequential", 2),
                                                        ("pipeline", 2), ("sequential, 1 thread", 2)]
     assert all("error" not in r and r["step_ms"] > 0 and r["activation_bytes"] > 0 for r in rows)

@@ -90,7 +90,7 @@ def finished_run(tmp_path_factory):
     (["hydra.run.dir={run}"], ["hydra.run.dir=", "already holds files", "resume="]),
     (["resume={run}", "chunks=4"], ["resume=", "chunks=4 (the run has 2)", "start a new run"]),
     (["resume={run}", "model.n_embd=32"], ["model.n_embd=32 (the run has 16)"]),
-    (["resume={run}", "objective=mlm"], ["objective._target_=locallearn.objectives.MaskedLM"]),
+    (["resume={run}", "objective=mlm"], ["objective._target_=locallearn.model.objectives.MaskedLM"]),
     (["resume={run}", "optim.lr=nan"], ["optim.lr=nan must be a finite number above 0"]),
     (["resume={run}", "optim._target_=torch.optim.NAdam"], ["optim._target_=torch.optim.NAdam (the run has "
                                                            "torch.optim.AdamW)"]),
@@ -120,6 +120,40 @@ def test_resume_continues_the_run_in_place_with_its_own_overrides(finished_run, 
     assert "chunks=2" in overrides and "trainer.max_steps=9" in overrides  # the run's own, then the new one
     assert OmegaConf.load(run / "config.yaml").trainer.max_steps == 9
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 9
+
+
+def test_a_run_saved_before_the_package_was_regrouped_resumes_and_is_probed(finished_run, tmp_path):
+    """Runs written before issue 15 name classes at their old places (locallearn.heads...) and keep the chunk
+    plan's boundaries in a ``chunking`` group; they still resume and load."""
+    from locallearn.probing.features import load_run
+
+    run = tmp_path / finished_run.name
+    subprocess.run(["cp", "-a", str(finished_run), str(run)], check=True)
+
+    def older(cfg: dict) -> dict:
+        cfg["chunking"] = {"boundaries": cfg.pop("boundaries"), "greedy": False}
+        del cfg["learner"], cfg["interlock"]
+        for group, old in (("head", "locallearn.heads."), ("objective", "locallearn.objectives."),
+                           ("schedule", "locallearn.schedules.")):
+            cfg[group]["_target_"] = old + cfg[group]["_target_"].rsplit(".", 1)[1]
+        return cfg
+
+    (run / "config.yaml").write_text(yaml.safe_dump(older(yaml.safe_load((run / "config.yaml").read_text()))))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt["hyper_parameters"]["config"] = older(ckpt["hyper_parameters"]["config"])
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, "chunking=chunked"]))
+    assert len(load_run(run).net) == 2
+    proc = run_py(f"resume={run}", "trainer.max_steps=8", log_dir=tmp_path / "elsewhere")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+def test_an_older_name_for_a_setting_is_one_line_naming_the_new_one(tmp_path):
+    proc = run_py("chunking=greedy", log_dir=tmp_path)
+    assert proc.returncode == 2
+    assert "chunking=greedy is an older name: write variant=greedy" in one_error_line(proc)
 
 
 def test_a_run_that_is_still_running_cannot_be_resumed(finished_run, tmp_path):

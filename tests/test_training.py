@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from locallearn.build import quiet_lightning
-from locallearn.model import GPT
-from locallearn.schedules import warmup_cosine
+from locallearn.model.gpt import GPT
 from locallearn.train import build
+from locallearn.training.schedules import warmup_cosine
 
 quiet_lightning()
 
@@ -132,3 +132,14 @@ def test_compiled_blocks_train_as_the_eager_ones(make_cfg, mode):
     run, compiled, _ = fit(make_cfg("chunks=2", f"mode={mode}", "trainer.max_steps=4", "compile=true"))
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in run.module.net.gpt.blocks)
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # compiles the blocks
+def test_the_blocks_only_benchmark_times_eager_and_compiled_blocks_that_agree():
+    from locallearn.measure import measure_blocks
+    from tests.conftest import TINY
+
+    result = measure_blocks(TINY, steps=3, warmup=1)
+    assert result["eager_ms"] > 0 and result["compiled_ms"] > 0
+    assert result["speedup"] == pytest.approx(result["eager_ms"] / result["compiled_ms"])
+    assert result["max_abs_diff"] < 1e-4  # the compiled blocks compute what the eager ones do

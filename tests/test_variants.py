@@ -11,17 +11,17 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from locallearn.build import quiet_lightning
-from locallearn.chunked import ChunkedGPT
-from locallearn.chunking import ChunkPlan
 from locallearn.cli import check_group_choices
 from locallearn.config import PROJECT_ROOT
 from locallearn.errors import ConfigError
-from locallearn.execution import clip_gradients
-from locallearn.heads import LinearHead
-from locallearn.model import GPT, GPTConfig
-from locallearn.objectives import IGNORE
-from locallearn.switch import EWC, FisherDiagonal, chunk_token_terms, earlier_chunk_params
+from locallearn.model.chunked import ChunkedGPT
+from locallearn.model.gpt import GPT, GPTConfig
+from locallearn.model.heads import LinearHead
+from locallearn.model.objectives import IGNORE
+from locallearn.model.plan import ChunkPlan
 from locallearn.train import build, train
+from locallearn.training.switch import EWC, FisherDiagonal, chunk_token_terms, earlier_chunk_params
+from locallearn.training.update import clip_gradients
 
 quiet_lightning()
 
@@ -66,8 +66,9 @@ def falls(losses, k=-1, n=5):
         ["objective=span", "chunks=2", "mode=sequential"],
         ["head=mlp", "chunks=4"],
         ["head=block", "chunks=4", "mode=sequential"],
-        ["chunking=greedy"],
+        ["variant=greedy"],
         ["chunks=4", "overlap=1"],
+        ["variant=interlock2", "mode=sequential"],
         ["chunks=2", "switch.at=0.5", "switch.ewc_lambda=1"],
         ["chunks=2", "loss_weights=[0.5,1]"],
     ],
@@ -95,7 +96,7 @@ def test_summary_reports_head_parameters_and_flops(make_cfg):
 
 
 def test_greedy_is_one_chunk_per_layer(make_cfg):
-    greedy, rec_g = fit(make_cfg("chunking=greedy"))
+    greedy, rec_g = fit(make_cfg("variant=greedy"))
     explicit, rec_e = fit(make_cfg("chunks=4"))
     assert greedy.module.net.plan == explicit.module.net.plan
     assert rec_g.losses == rec_e.losses
@@ -370,6 +371,8 @@ def test_zero_loss_weight_freezes_that_chunk(make_cfg):
         (["chunks=2", "overlap=3"], ["overlap=3", "overlap<=2"]),
         (["chunks=1", "overlap=1"], ["overlap=1", "two chunks"]),
         (["chunks=2", "overlap=-1"], ["overlap=-1"]),
+        (["chunks=2", "interlock=0"], ["interlock=0", "at least 1"]),
+        (["chunks=2", "overlap=1", "interlock=2"], ["overlap=1", "interlock=2", "pass one of them"]),
         (["switch.at=0"], ["switch.at=0", "(0, 1]"]),
         (["switch.at=1.5"], ["switch.at=1.5", "(0, 1]"]),
         (["switch.fisher=fisherman"], ["switch.fisher=fisherman", "true", "empirical"]),
@@ -379,7 +382,6 @@ def test_zero_loss_weight_freezes_that_chunk(make_cfg):
         (["objective=mlm", "model.causal=true"], ["model.causal=True", "objective=mlm", "bidirectional"]),
         (["objective=span", "objective.causal=true"], ["objective=span", "bidirectional"]),
         (["objective.causal=false"], ["objective=clm", "causal"]),
-        (["chunking=greedy", "chunks=2"], ["chunking=greedy", "chunks=2"]),
     ],
     ids=lambda o: ",".join(o) if isinstance(o, list) and "=" in o[0] else None,
 )

@@ -7,12 +7,12 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from locallearn.build import instantiate
 from locallearn.checks.specs import check_config
 from locallearn.checks.tables import RUN
-from locallearn.chunking import ChunkPlan
+from locallearn.config import instantiate
 from locallearn.errors import ConfigError
-from locallearn.switch import Switch
+from locallearn.model.plan import ChunkPlan
+from locallearn.training.switch import Switch
 
 
 def check_run(cfg: DictConfig) -> None:
@@ -31,11 +31,7 @@ def check_run(cfg: DictConfig) -> None:
             f"{'causal' if objective.causal else 'bidirectional'} attention; drop the model.causal override "
             f"(it follows the objective)."
         )
-    chunking = cfg.chunking
-    if chunking.get("greedy") and cfg.chunks != model_cfg.n_layer:
-        raise ConfigError(f"chunking=greedy trains one chunk per block (chunks=model.n_layer={model_cfg.n_layer}) "
-                          f"but chunks={cfg.chunks}; drop the chunks override or use chunking=chunked.")
-    plan = ChunkPlan.build(model_cfg.n_layer, cfg.chunks, chunking.get("boundaries"), cfg.overlap)
+    plan = ChunkPlan.build(model_cfg.n_layer, cfg.chunks, cfg.boundaries, cfg.overlap, cfg.interlock)
     check_loss_weights(cfg.get("loss_weights"), len(plan))
     check_chunk_lr(cfg.optim.get("chunk_lr"), len(plan))
     check_hypergrad_lr(cfg.optim.get("hypergrad_lr"))

@@ -19,11 +19,18 @@ DERIVED = Free("derived from paths.output_dir")
 RUN: dict[str, Spec] = {
     # top level
     "chunks": Number(1, integer=True, null=True, hint="chunks=1 is end-to-end backprop; null takes the count from "
-                     "chunking.boundaries"),
-    "overlap": Number(0, integer=True, hint="it counts blocks of the previous chunk, e.g. overlap=1"),
+                     "boundaries"),
+    "boundaries": Numbers(Number(integer=True), null=True, hint="boundaries are block indices, e.g. "
+                          "boundaries=[1,3] (the chunk plan checks their range)"),
+    "overlap": Number(0, integer=True, hint="it counts blocks before a chunk, e.g. overlap=1"),
+    "interlock": Number(1, integer=True, hint="it counts chunks a loss trains, its own included: 1 is local"),
     "mode": Choice(MODES, hint="each is a file of conf/mode/ (choose it as a group: mode=<name>)"),
     "strategy.threads": Free("interpolates pipeline.threads"),
     "strategy.backend": Free("interpolates pipeline.backend"),
+    # the LightningModule's arguments interpolate the keys checked here (grad_clip, loss_weights, seed, optim.*)
+    **{f"learner.{k}": Free(f"interpolates {v}") for k, v in (
+        ("grad_clip", "grad_clip"), ("loss_weights", "loss_weights"), ("seed", "seed"),
+        ("chunk_lr", "optim.chunk_lr"), ("hypergrad_lr", "optim.hypergrad_lr"))},
     "seed": SEED,
     "compile": Flag(),
     "grad_clip": Number(0, lo_open=True, null=True, hint="it is the max gradient norm per chunk (of the whole model "
@@ -62,10 +69,6 @@ RUN: dict[str, Spec] = {
     "data.n_symbols": POS_INT, "data.segment": Number(2, integer=True, hint="the first token of a repeat is no "
                                                        "answer, so a segment needs two"),
     "data.hops": POS_INT, "data.n_chains": POS_INT, "data.n_nodes": POS_INT,
-    # chunking
-    "chunking.boundaries": Numbers(Number(integer=True), null=True, hint="boundaries are block indices, "
-                                   "e.g. chunking.boundaries=[1,3] (the chunk plan checks their range)"),
-    "chunking.greedy": Flag(),
     # optimizer and schedule
     "optim.lr": Number(0, lo_open=True, hint="it is a learning rate, e.g. optim.lr=1e-3"),
     "optim.betas": Numbers(Number(0, 1, hi_open=True), length=2, hint="e.g. optim.betas=[0.9,0.99]"),
@@ -162,6 +165,7 @@ PROBING: dict[str, Spec] = {
     "probe.C": Numbers(Number(0, lo_open=True), hint="the inverse L2 strengths probe-dev chooses from"),
     "probe.alpha": Numbers(Number(0, lo_open=True), hint="the L2 strengths probe-dev chooses from"),
     "probe.max_iter": POS_INT, "probe.hidden": POS_INT,
+    "probe.tol": Number(0, lo_open=True, hint="the largest gradient entry at which the linear probe stops"),
     **_PATHS,
 }
 

@@ -23,6 +23,10 @@ def worker_devices(K: int, accelerator: str) -> list[str]:
 def check_pipeline(cfg) -> None:
     """Refuse what cannot run as a pipeline, before any work starts."""
     K = int(cfg.chunks)
+    if cfg.get("interlock", 1) > 1:
+        raise ConfigError(f"interlock={cfg.interlock} trains the blocks of earlier chunks, which live in other "
+                          f"processes in mode=pipeline (it would need their graphs or a backward message); use "
+                          f"interlock=1 or mode=sequential.")
     if cfg.get("overlap", 0):
         raise ConfigError(f"overlap={cfg.overlap} trains blocks of the previous chunk, which live in another process "
                           f"in mode=pipeline; use overlap=0 or mode=sequential.")

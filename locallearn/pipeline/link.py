@@ -18,7 +18,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from locallearn.objectives import Prepared
+from locallearn.model.objectives import Prepared
 
 TRAIN, VAL, VAL_END, STATE, LOAD, STOP = range(6)
 CHAIN, RESULT, OBJECT = 0, 1, 2  # message tags: the chain, train results to rank 0, pickled objects

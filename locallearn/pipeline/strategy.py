@@ -23,7 +23,6 @@ import torch
 import torch.multiprocessing as mp
 
 from locallearn.errors import PipelineError
-from locallearn.execution import Strategy, Update, weighted_backward
 from locallearn.pipeline.limits import check_pipeline, worker_devices
 from locallearn.pipeline.link import (
     LOAD,
@@ -40,6 +39,8 @@ from locallearn.pipeline.link import (
     prepared_tensors,
 )
 from locallearn.pipeline.worker import PEER_LOST, run_worker
+from locallearn.training.strategies import Strategy
+from locallearn.training.update import Update, weighted_backward
 
 log = logging.getLogger(__name__)
 

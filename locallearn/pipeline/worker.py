@@ -2,7 +2,7 @@
 
 For every training batch a worker receives the hand-off (and the batch's targets) from the rank before
 it, runs its chunk forward, sends its own hand-off on *before* its backward, then updates its chunk
-with the same :func:`locallearn.execution.update` as every other strategy. Its train results go back
+with the same :func:`locallearn.training.update.update` as every other strategy. Its train results go back
 to rank 0 on the side channel; validation sums and chunk states when rank 0 asks for them.
 """
 
@@ -13,10 +13,7 @@ import traceback
 
 import torch
 
-from locallearn.execution import update, weighted_backward
-from locallearn.memory import metered
-from locallearn.module import LocalLearner
-from locallearn.objectives import IGNORE, Prepared, answer_scores
+from locallearn.model.objectives import IGNORE, Prepared, answer_scores
 from locallearn.pipeline.link import (
     LOAD,
     RESULT,
@@ -30,6 +27,9 @@ from locallearn.pipeline.link import (
     load_chunk_state,
     prepared_from,
 )
+from locallearn.training.learner import LocalLearner
+from locallearn.training.memory import metered
+from locallearn.training.update import update, weighted_backward
 
 PEER_LOST = 3  # exit code of a worker that stops because another process died
 
@@ -145,7 +145,9 @@ def serve(link: Link, cfg_dict: dict, vocab_size: int, device: str, threads: int
     """Build chunk ``link.rank``'s module from the run config and serve it until STOP."""
     from omegaconf import OmegaConf
 
-    from locallearn.build import instantiate, make_module, make_net, quiet_lightning
+    from locallearn.build import make_module, quiet_lightning
+    from locallearn.config import instantiate
+    from locallearn.model.chunked import make_net
 
     link.use_device(device, backend)
     torch.set_num_threads(threads)

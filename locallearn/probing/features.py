@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from locallearn.atomic import atomic_open
-from locallearn.build import instantiate, make_net
-from locallearn.chunked import ChunkedGPT
+from locallearn.config import instantiate, load_saved
 from locallearn.errors import ConfigError
+from locallearn.model.chunked import ChunkedGPT, make_net
 
 
 @dataclass
@@ -57,7 +57,7 @@ def load_run(run_dir, random_init: bool = False, device: str = "cpu") -> Trained
     if ckpt is None and not random_init:
         raise ConfigError(f"{run_dir} has no checkpoints/last.ckpt or best.ckpt, so there is no trained model to "
                           f"probe; finish or resume the run first.")
-    cfg = OmegaConf.load(cfg_path)
+    cfg = load_saved(cfg_path)
     vocab = json.loads(vocab_path.read_text(encoding="utf-8"))["tokens"]
     torch.manual_seed(cfg.seed)
     net = make_net(cfg, instantiate(cfg.objective), len(vocab))

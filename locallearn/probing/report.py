@@ -22,7 +22,6 @@ from locallearn.checks import PROBING, check_config
 from locallearn.probing.cka import cka_matrix
 from locallearn.probing.features import cached_features, encode_text, layer_chunk, layer_depth, layer_names, load_run
 from locallearn.probing.plots import plot_all
-from locallearn.probing.probes import run_probe
 from locallearn.probing.runs import (
     Model,
     check_outside_runs,
@@ -120,8 +119,11 @@ def probe_runs(cfg: DictConfig, out_dir) -> list[dict]:
     rows = []
     for model in models:
         feats = feats_of[model.label]
-        for layer in layer_names(model.run.net):
-            result = run_probe(probe, {s: f[layer] for s, f in feats.items()}, labels, control, seed=cfg.seed)
+        names = layer_names(model.run.net)
+        fitted = probe.fit_layers({s: {n: f[n] for n in names} for s, f in feats.items()}, labels, control,
+                                  seed=cfg.seed)
+        for layer in names:
+            result = fitted[layer]
             depth = layer_depth(model.run.net, layer)
             same = null = None  # heads have no counterpart in the end-to-end model's trunk
             if model.label in cka_of and not layer.startswith("head"):

@@ -16,19 +16,22 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from locallearn.analysis.sweeps import job_order
+from locallearn.config import flatten, under
 from locallearn.errors import ConfigError
 from locallearn.probing.features import TrainedRun
 from locallearn.probing.tasks import EWT_TASKS, SYNTHETIC_TASKS
-from locallearn.rundir import flatten
-from locallearn.sweeps import job_order, under
 
 # Settings that do not change what a run learns (where it writes, how it logs, how long between evaluations).
 # trainer: only these of its keys change the training itself.
-BOOKKEEPING = ("paths", "hydra", "ckpt_path", "callbacks", "logger", "trainer")
+# learner: its arguments are interpolations of keys compared on their own (seed, grad_clip, optim.*); its class is not.
+BOOKKEEPING = ("paths", "hydra", "ckpt_path", "callbacks", "logger", "trainer", "learner.seed", "learner.grad_clip",
+               "learner.loss_weights", "learner.chunk_lr", "learner.hypergrad_lr")
 TRAINER_KEYS = ("trainer.max_steps", "trainer.precision", "trainer.devices", "trainer.accumulate_grad_batches")
 SEED_KEYS = ("seed", "data.seed")  # data.seed is ${seed}: the batch order
 # How a model is cut into chunks and trained locally: the end-to-end reference differs in these.
-LOCAL_KEYS = ("chunks", "chunking", "overlap", "head", "loss_weights", "switch", "mode", "pipeline", "optim.chunk_lr")
+LOCAL_KEYS = ("chunks", "boundaries", "overlap", "interlock", "head", "loss_weights", "switch", "mode", "pipeline",
+              "optim.chunk_lr")
 # Data settings that do not change the data (its path is compared by name: the same corpus may move).
 DATA_LOADING = ("data.seed", "data.batch_size", "data.block_size", "data.val_windows", "data.path")
 
@@ -71,9 +74,11 @@ def variant_of(cfg) -> str:
     """A short name for how a run trains: "end-to-end", or the local-learning settings that differ from the defaults."""
     if cfg.chunks == 1 and not cfg.get("overlap"):
         return "end-to-end"
-    parts = ["greedy" if cfg.chunking.get("greedy") else "chunked"]
+    parts = ["chunked"]
     if cfg.get("overlap"):
         parts.append(f"overlap={cfg.overlap}")
+    if cfg.get("interlock", 1) > 1:
+        parts.append(f"interlock={cfg.interlock}")
     head = str(cfg.head.get("_target_", "")).rsplit(".", 1)[-1].replace("Head", "").lower()
     if head and head != "linear":
         parts.append(f"head={head}")

@@ -3,13 +3,15 @@
 ``forward_chunk`` holds the package's single gradient cut: every chunk but the first starts from
 a detached copy of its input, so the chunk's local loss can only reach that chunk's parameters and
 its head. With one chunk there is nothing to cut and the pass is ordinary end-to-end backprop.
-With ``overlap`` the cut moves down into the previous chunk, and with ``local = False`` (the global
-phase after a local-to-global switch) there is no cut at all.
+With ``overlap`` or ``interlock`` the cut moves down into earlier chunks (below the embedding for an
+interlock that reaches chunk 1), and with ``local = False`` (the global phase after a local-to-global
+switch) there is no cut at all.
 
-An overlapping chunk recomputes the previous chunk's last blocks from the cut. With dropout, the
-recomputation replays the random state the previous chunk's forward drew its masks from, so the
-gradient goes through the very sample that produced the value handed on (as activation
-checkpointing's ``preserve_rng_state`` does), and the replay leaves the global random stream as it was.
+An overlapping chunk recomputes the earlier blocks its loss reaches from the cut. With dropout, the
+recomputation replays, for each earlier chunk's stretch of them, the random state that chunk's forward
+drew its masks from, so the gradient goes through the very sample that produced the value handed on (as
+activation checkpointing's ``preserve_rng_state`` does), and the replay leaves the global random stream
+as it was.
 """
 
 from collections.abc import Callable
@@ -17,10 +19,12 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
+from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
-from locallearn.chunking import ChunkPlan
-from locallearn.model import GPT
+from locallearn.config import instantiate
+from locallearn.model.gpt import GPT
+from locallearn.model.plan import ChunkPlan
 
 
 class ChunkedGPT(nn.Module):
@@ -62,30 +66,57 @@ class ChunkedGPT(nn.Module):
         return own.detach() + (h - h.detach())
 
     def recompute_overlap(self, k: int, handoff: dict):
-        """(B, T, C): the blocks chunk k overlaps, run again from the detached cut under the random state
-        their first run drew dropout masks from (recorded in ``handoff``), so with the same masks."""
-        chunk = self.plan[k]
-        h = handoff[chunk.cut].detach()  # the gradient cut: no gradient crosses it
-        with _replaying(handoff["rng"], h.device) if "rng" in handoff else nullcontext():
-            for i in range(chunk.cut, chunk.start):
-                h = self.gpt.blocks[i](h)
+        """(B, T, C): the earlier blocks chunk k's loss reaches (and the embedding, for an interlock into chunk 1),
+        run again from the detached cut, each chunk's stretch of them under the random state their first run
+        drew dropout masks from (recorded in ``handoff["rng"]``), so with the same masks."""
+        chunk, rng = self.plan[k], handoff.get("rng", {})
+        device = handoff[chunk.start].device
+        replay = lambda key: _replaying(rng[key], device) if key in rng else nullcontext()  # noqa: E731
+        if chunk.embed:
+            with replay("embed"):
+                h = self.gpt.embed(handoff["idx"])
+        else:
+            h = handoff[chunk.cut].detach()  # the gradient cut: no gradient crosses it
+        for a, b in self._stretches(chunk):
+            with replay(a):
+                for i in range(a, b):
+                    h = self.gpt.blocks[i](h)
         return h
 
+    def _stretches(self, chunk) -> list[tuple[int, int]]:
+        """The blocks ``chunk`` overlaps, as (first, one past last) per chunk that owns them."""
+        edges = sorted({chunk.cut, chunk.start} | {c.start for c in self.plan if chunk.cut < c.start < chunk.start})
+        return list(zip(edges[:-1], edges[1:]))
+
     def forward_chunk(self, k: int, x):
-        chunk = self.plan[k]
-        h = self.gpt.embed(x) if k == 0 else self._input(k, x)  # (B, T, C)
-        nxt = self.plan[k + 1] if k + 1 < len(self.plan) else None
-        keep = {nxt.cut, nxt.start} if nxt is not None else set()
-        # Only a training forward with dropout draws masks, and only a local step recomputes the overlap.
-        replay = (nxt is not None and nxt.cut < nxt.start and self.training and self.local
-                  and self.gpt.config.dropout > 0)
-        handoff = {chunk.start: h} if chunk.start in keep else {}  # an overlap that spans this whole chunk
+        chunk, later = self.plan[k], self.plan.chunks[k + 1:]
+        prev = x if k else {"idx": x}
+        reach = [c for c in later if c.cut < c.start]  # later chunks whose losses come back through this one
+        # Only a training forward with dropout draws masks, and only a local step recomputes the overlap: the
+        # random state is recorded where a later chunk's recomputation starts a stretch.
+        replay = bool(reach) and self.training and self.local and self.gpt.config.dropout > 0
+        rng_at = {key for c in reach for key in [a for a, _ in self._stretches(c)] + ["embed"] * c.embed}
+        rng = {key: s for key, s in prev.get("rng", {}).items() if key in rng_at} if replay else {}
+        if k == 0:
+            if replay and "embed" in rng_at:
+                rng["embed"] = _rng_state(x.device)
+            h = self.gpt.embed(x)  # (B, T, C)
+        else:
+            h = self._input(k, x)  # (B, T, C)
+        need = {c.cut for c in later if not c.embed} | {c.start for c in later}  # block inputs later chunks read
+        handoff = {i: v for i, v in prev.items() if isinstance(i, int) and i in need}  # from earlier chunks
+        if any(c.embed for c in later):
+            handoff["idx"] = prev["idx"]
+        if chunk.start in need:  # an overlap that spans this whole chunk
+            handoff[chunk.start] = h
         for i in chunk.layers:
-            if replay and i == nxt.cut:
-                handoff["rng"] = _rng_state(h.device)  # what chunk k+1's recomputation replays
+            if i in rng_at and replay:
+                rng[i] = _rng_state(h.device)  # what a later chunk's recomputation replays
             h = self.gpt.blocks[i](h)
-            if i + 1 in keep:
+            if i + 1 in need:
                 handoff[i + 1] = h
+        if rng:
+            handoff["rng"] = rng
         return handoff, h, self.head(k, h)
 
     def head(self, k: int, h):
@@ -119,7 +150,8 @@ class ChunkedGPT(nn.Module):
         """Every parameter chunk k's local loss reaches: its own and those of the blocks it overlaps."""
         chunk = self.plan[k]
         overlapped = [p for i in range(chunk.cut, chunk.start) for p in self.gpt.blocks[i].parameters()]
-        return overlapped + self.chunk_parameters(k)
+        embedding = [p for m in self.trunk_modules(0)[:-len(self.plan[0].layers)] for p in m.parameters()]
+        return (embedding if chunk.embed else []) + overlapped + self.chunk_parameters(k)
 
     def parameter_counts(self) -> list[dict[str, int]]:
         """Per chunk: number of trunk and head parameters."""
@@ -160,3 +192,16 @@ def _replaying(state: tuple, device: torch.device):
         if gpu is not None:
             torch.cuda.set_rng_state(gpu, device)
         yield
+
+
+def make_net(cfg: DictConfig, objective, vocab_size: int) -> ChunkedGPT:
+    """The chunked model ``cfg`` describes, for data of ``vocab_size`` tokens (``objective`` is bound to it)."""
+    objective.bind(vocab_size)
+    model_cfg = instantiate(cfg.model, vocab_size=vocab_size + objective.extra_tokens)
+    plan = ChunkPlan.build(model_cfg.n_layer, cfg.chunks, cfg.get("boundaries"), cfg.get("overlap", 0),
+                           cfg.get("interlock", 1))
+    net = ChunkedGPT(GPT(model_cfg), plan, instantiate(cfg.head), objective.chunk_module)
+    if cfg.get("compile"):  # the blocks only: the cut, the heads and the losses stay eager, in every mode
+        for block in net.gpt.blocks:
+            block.compile()
+    return net

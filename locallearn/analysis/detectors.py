@@ -1,7 +1,7 @@
 """Detectors over one chunk's loss stream: spikes, rising loss, plateaus, overfitting, underfitting.
 
 Plain functions of (steps, values), so they run on synthetic curves in tests as on a finished run.
-They find patterns in numbers and nothing more; :mod:`locallearn.diagnostics` turns them into
+They find patterns in numbers and nothing more; :mod:`locallearn.analysis.diagnose` turns them into
 findings with causes and remedies, using what the run knows.
 """
 

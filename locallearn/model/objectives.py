@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from locallearn.errors import ConfigError
-from locallearn.model import GPTConfig, init_weights
+from locallearn.model.gpt import GPTConfig, init_weights
 
 IGNORE = -100  # target of positions without a loss
 

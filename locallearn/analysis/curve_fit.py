@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares
 
-from locallearn.sweeps import LOCAL_KEYS, RunRecord, collect, read_curve, under
+from locallearn.analysis.sweeps import LOCAL_KEYS, RunRecord, collect, read_curve
+from locallearn.config import under
 
 MIN_POINTS = 5  # three parameters and at least two degrees of freedom
 LR_TOLERANCE = 0.05  # an LR whose range over the fitted steps exceeds this fraction of its peak is not constant

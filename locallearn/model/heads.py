@@ -7,7 +7,7 @@ Heads differ in capacity: how much work a chunk can leave to its head instead of
 
 import torch.nn as nn
 
-from locallearn.model import MLP, Block, GPTConfig, init_weights
+from locallearn.model.gpt import MLP, Block, GPTConfig, init_weights
 
 
 class LinearHead(nn.Module):

@@ -32,7 +32,7 @@ class ChunkMetrics(torch.nn.Module):
         self.loss[k].update(loss, weight=weight)
 
     def add_answers(self, k: int, loss_sum, correct, count: int):
-        """Add a batch's answer scores (see :func:`~locallearn.objectives.answer_scores`) to chunk k's."""
+        """Add a batch's answer scores (see :func:`~locallearn.model.objectives.answer_scores`) to chunk k's."""
         if count:
             self.answer_loss[k].update(loss_sum / count, weight=count)
             self.answer_acc[k].update(correct / count, weight=count)
@@ -96,7 +96,7 @@ class ChunkMetrics(torch.nn.Module):
 
 
 def update_metrics(u, losses: list[float] | None, momentum: bool, switch: bool, penalty=None) -> dict[str, float]:
-    """The TensorBoard metrics of an :class:`~locallearn.execution.Update` (``losses``: its chunks' losses as
+    """The TensorBoard metrics of an :class:`~locallearn.training.strategies.Update` (``losses``: its chunks' losses as
     logged; None for a batch without targets), with the momentum (a schedule that cycles it), the phase (a run
     with a switch) and, in global steps, the total norm and the EWC penalty."""
     metrics = {}

@@ -8,9 +8,9 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from locallearn import depth_benefit  # noqa: E402
+from locallearn.analysis import depth_benefit  # noqa: E402
+from locallearn.analysis.sweeps import Group, common_items, label  # noqa: E402
 from locallearn.atomic import save_figure  # noqa: E402
-from locallearn.sweeps import Group, common_items, label  # noqa: E402
 
 
 def _namer(all_groups):

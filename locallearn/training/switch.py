@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from locallearn.errors import ConfigError
-from locallearn.objectives import IGNORE
+from locallearn.model.objectives import IGNORE
 
 FISHER_KINDS = ("true", "empirical")
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from locallearn.errors import ConfigError
-from locallearn.execution import update
+from locallearn.training.update import update
 
 SKIP_START = 5  # the first points of the EMA are too noisy for a slope
 SMOOTH_FRACTION = 0.05  # the default EMA window as a fraction of the sweep: 15 steps of 300

@@ -1,13 +1,13 @@
 """The LightningModule: model + chunk plan + heads + objective + execution strategy.
 
-How a batch becomes per-chunk updates is the strategy's (:mod:`locallearn.execution`); this module never
+How a batch becomes per-chunk updates is the strategy's (:mod:`locallearn.training.strategies`); this module never
 branches on the mode. Optimization is manual because ``sequential`` mode needs one backward per chunk. There is one
 optimizer with a decay and a no-decay param group per chunk (tagged ``chunk=k``), so
 ``trainer.global_step`` counts batches, each chunk's gradients are clipped on their own (in the
 global phase of a local-to-global switch, the total norm, as end to end), and each chunk can have
 its own learning rate (``optim.chunk_lr``), adapted online if asked (``optim.hypergrad_lr``).
 Manual optimization leaves clipping, the LR scheduler and the hypergradient step to us: every strategy
-calls them through :meth:`LocalLearner.update`, the one chunk update (:func:`locallearn.execution.update`).
+calls them through :meth:`LocalLearner.update`, the one chunk update (:func:`locallearn.training.update.update`).
 """
 
 import logging
@@ -18,16 +18,17 @@ from functools import partial
 import lightning as L
 import torch
 
-from locallearn.checkpoint import restore_rng_state, rng_state
-from locallearn.chunk_metrics import ChunkMetrics, update_metrics
-from locallearn.chunked import ChunkedGPT
-from locallearn.ddp import average_gradients
-from locallearn.execution import Joint, Strategy, Update, chunk_param_groups, joint_backward, update
-from locallearn.hypergrad import HypergradientLR
-from locallearn.memory import metered
-from locallearn.objectives import IGNORE, answer_scores
-from locallearn.schedules import cycles_momentum
-from locallearn.switch import EWC, Switch, earlier_chunk_params, start_global_phase
+from locallearn.model.chunked import ChunkedGPT
+from locallearn.model.objectives import IGNORE, answer_scores
+from locallearn.training.checkpoint import restore_rng_state, rng_state
+from locallearn.training.chunk_metrics import ChunkMetrics, update_metrics
+from locallearn.training.ddp import average_gradients
+from locallearn.training.hypergrad import HypergradientLR
+from locallearn.training.memory import metered
+from locallearn.training.schedules import cycles_momentum
+from locallearn.training.strategies import Joint, Strategy
+from locallearn.training.switch import EWC, Switch, earlier_chunk_params, start_global_phase
+from locallearn.training.update import Update, chunk_param_groups, joint_backward, update
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +38,23 @@ class LocalLearner(L.LightningModule):
 
     Args:
         net: the chunked model.
-        objective: turns batches and outputs into losses (see :mod:`locallearn.objectives`).
-        strategy: how a batch becomes per-chunk updates (see :mod:`locallearn.execution`); default joint.
+        objective: turns batches and outputs into losses (see :mod:`locallearn.model.objectives`).
+        strategy: how a batch becomes per-chunk updates (see :mod:`locallearn.training.strategies`); default joint.
         optimizer: partial optimizer, called with the param groups.
         scheduler: partial LR scheduler, called with the optimizer and ``total_steps``; or None.
         grad_clip: max gradient norm per chunk (of all parameters together in global steps); None or 0: no clipping.
         loss_weights: one weight per chunk's local loss (default: all 1).
         switch: when (if ever) to switch from local to global training, and how.
         seed: seeds the objective's masking (per step in training; validation masks are fixed).
-        config: the resolved run config, stored in checkpoints and summaries.
+        run_config: the resolved run config, stored in checkpoints (as ``config``) and summaries.
         chunk_lr: one learning rate per chunk (default: the optimizer's own).
-        hypergrad_lr: hypergradient step size: adapt each chunk's LR online (see :mod:`locallearn.hypergrad`).
+        hypergrad_lr: hypergradient step size: adapt each chunk's LR online (see :mod:`locallearn.training.hypergrad`).
     """
 
     def __init__(self, net: ChunkedGPT, objective, strategy: Strategy | None = None, optimizer: Callable | None = None,
                  scheduler: Callable | None = None, grad_clip: float | None = 1.0,
                  loss_weights: list[float] | None = None, switch: Switch | None = None, seed: int = 0,
-                 config: dict | None = None, chunk_lr: list[float] | None = None,
+                 run_config: dict | None = None, chunk_lr: list[float] | None = None,
                  hypergrad_lr: float | None = None):
         super().__init__()
         self.automatic_optimization = False
@@ -70,7 +71,7 @@ class LocalLearner(L.LightningModule):
         self.hypergrad_lr = float(hypergrad_lr) if hypergrad_lr is not None else None
         self.hypergrad: HypergradientLR | None = None  # built once the optimizer exists
         self._hypergrad_state: dict | None = None  # from a checkpoint, applied when it is built
-        self.save_hyperparameters({"config": config or {}}, logger=False)
+        self.save_hyperparameters({"config": run_config or {}}, logger=False)
         self.metrics = ChunkMetrics(len(net))  # validation, per chunk
         self.final_val: list[float] | None = None  # per chunk, from the latest validation
         self.final_answers: dict[str, list[float]] | None = None  # {"loss": per chunk, "acc": per chunk}: tasks
@@ -84,7 +85,7 @@ class LocalLearner(L.LightningModule):
 
     # -- optimization ---------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
-        """Two param groups per chunk (see :func:`~locallearn.execution.chunk_param_groups`)."""
+        """Two param groups per chunk (see :func:`~locallearn.training.strategies.chunk_param_groups`)."""
         return chunk_param_groups(self.net, self.chunk_lr)
 
     def configure_optimizers(self):
@@ -111,7 +112,7 @@ class LocalLearner(L.LightningModule):
 
     def backward_pass(self, prepared, backward: Callable = torch.Tensor.backward) -> Callable[[], list[torch.Tensor]]:
         """Every chunk's backward pass on a prepared batch, in this process, as the strategy runs it there: what
-        the LR range test and the benchmark's bare loop pass to :func:`~locallearn.execution.update`."""
+        the LR range test and the benchmark's bare loop pass to :func:`~locallearn.training.update.update`."""
         loss_fn = partial(self.chunk_loss, prepared=prepared)
         return partial(self.strategy.backward, self.net, prepared.idx, loss_fn, backward, self.loss_weights)
 
@@ -122,7 +123,7 @@ class LocalLearner(L.LightningModule):
         return torch.Generator().manual_seed((self.seed * 1_000_003 + step) if train else 998_244_353 + step)
 
     def update(self, backward_pass, chunks, step: int, global_phase: bool = False) -> Update:
-        """:func:`locallearn.execution.update` with this run's optimizer, schedule, clipping, data parallelism and
+        """:func:`locallearn.training.update.update` with this run's optimizer, schedule, clipping, data parallelism and
         LR adaptation (what a strategy calls for the chunks it trains in this process)."""
         if self._measure_next:  # the first step's peak of activations saved for backward
             backward_pass = metered(backward_pass, self.net.parameters(), self._measured)

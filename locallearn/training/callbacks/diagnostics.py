@@ -1,5 +1,5 @@
 """The callback that watches every chunk's loss curves while a run trains (the analysis is
-:mod:`locallearn.diagnostics`)."""
+:mod:`locallearn.analysis.diagnose`)."""
 
 import logging
 import math
@@ -8,20 +8,20 @@ from pathlib import Path
 
 import lightning as L
 
-from locallearn import loss_plots
+from locallearn.analysis import loss_plots
+from locallearn.analysis.curve_fit import fit_curves
+from locallearn.analysis.detectors import DivergenceWatch, Thresholds, check_thresholds, warmup_end
+from locallearn.analysis.diagnose import Context, Finding, diagnose, divergence_finding, report
 from locallearn.atomic import write_json
-from locallearn.callbacks.tensorboard import tensorboard_logger
-from locallearn.checkpoint import last_checkpoint
-from locallearn.curve_fit import fit_curves
-from locallearn.detectors import DivergenceWatch, Thresholds, check_thresholds, warmup_end
-from locallearn.diagnostics import Context, Finding, diagnose, divergence_finding, report
 from locallearn.errors import ConfigError, TrainingDiverged
+from locallearn.training.callbacks.tensorboard import tensorboard_logger
+from locallearn.training.checkpoint import last_checkpoint
 
-log = logging.getLogger("locallearn.diagnostics")
+log = logging.getLogger("locallearn.analysis.diagnose")
 
 
 class Diagnostics(L.Callback):
-    """Watches every chunk's train and val loss (see :mod:`locallearn.diagnostics`).
+    """Watches every chunk's train and val loss (see :mod:`locallearn.analysis.diagnose`).
 
     A chunk whose loss diverges stops the run at once with :class:`TrainingDiverged` (before the next
     checkpoint could save diverged weights, so ``last.ckpt`` is the last good state). At the end of fit
@@ -29,7 +29,7 @@ class Diagnostics(L.Callback):
     ``diagnostics.json``, and each chunk's val curve gets a power-law fit (``curve_fit.png``, and
     ``curve_fit`` in summary.json), extrapolated to ``predict_step`` only where the chunk's recorded LR
     stayed constant under the fitted points and the data identify the fit (see
-    :mod:`locallearn.curve_fit`). Steps are numbered as on TensorBoard's x-axis.
+    :mod:`locallearn.analysis.curve_fit`). Steps are numbered as on TensorBoard's x-axis.
 
     Args:
         path: where ``diagnostics.json`` goes (the figure goes next to it).
@@ -37,7 +37,7 @@ class Diagnostics(L.Callback):
         fit_curves: fit L(t) = a t^-b + c to each chunk's val curve at the end of fit.
         predict_step: the step the fits predict the loss at (fits that may be extrapolated); null = 10 x
             trainer.max_steps.
-        **thresholds: the fields of :class:`locallearn.diagnostics.Thresholds`.
+        **thresholds: the fields of :class:`locallearn.analysis.diagnose.Thresholds`.
     """
 
     def __init__(self, path, stop_on_divergence: bool = True, fit_curves: bool = True,

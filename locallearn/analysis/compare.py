@@ -1,7 +1,7 @@
 """Sweep reports: each group of runs (its overrides except the seed) against its end-to-end reference.
 
 :func:`write_report` writes ``compare.md``, ``compare.csv``, ``runs.csv`` and the figures (the runs are read by
-:mod:`locallearn.sweeps`); ``analysis/compare.py`` is the command line. A failed or unfinished run never stops
+:mod:`locallearn.analysis.sweeps`); ``analysis/compare.py`` is the command line. A failed or unfinished run never stops
 a report: it is listed with its status.
 """
 
@@ -10,10 +10,10 @@ import json
 import math
 from pathlib import Path
 
-from locallearn import depth_benefit
+from locallearn.analysis import depth_benefit
+from locallearn.analysis.compare_plots import plot_all
+from locallearn.analysis.sweeps import Group, RunRecord, collect, common_items, end_to_end_for, group_key, groups, label
 from locallearn.atomic import atomic_open, write_text
-from locallearn.compare_plots import plot_all
-from locallearn.sweeps import Group, RunRecord, collect, common_items, end_to_end_for, group_key, groups, label
 
 
 def table_rows(all_groups: list[Group]) -> list[dict]:

@@ -1,8 +1,8 @@
 """Per-chunk loss diagnostics: what went wrong with which chunk, when, and what to try.
 
-The detectors (:mod:`locallearn.detectors`) are plain functions over loss streams, so they can be
-tested on synthetic curves and run on finished runs; :class:`locallearn.callbacks.diagnostics.Diagnostics` feeds
-them during training, and :func:`diagnose` turns what they find into findings.
+The detectors (:mod:`locallearn.analysis.detectors`) are plain functions over loss streams, so they can be
+tested on synthetic curves and run on finished runs; :class:`locallearn.training.callbacks.diagnostics.Diagnostics`
+feeds them during training, and :func:`diagnose` turns what they find into findings.
 
 * divergence (online): a non-finite loss, or a smoothed loss far above the chunk's starting loss;
 * spikes: a robust z-score (median and MAD over a moving window of earlier steps) above a threshold;
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from locallearn.detectors import (
+from locallearn.analysis.detectors import (
     Curve,
     Thresholds,
     find_overfitting,
@@ -223,7 +223,7 @@ def _plateaus(val: dict[int, Curve], ctx: Context, th: Thresholds, found_so_far:
                 cause, remedy = "its loss weight is 0, so it is not trained", "nothing (intended) or give it a weight"
             elif any(_overlaps((first, last), (a, b)) for a, b, _ in plateaus.get(k - 1, [])):
                 cause = f"its input stopped improving: chunk {k - 1} plateaued over the same steps"
-                remedy = (f"improve chunk {k - 1} first, give chunk {k} more of the model (chunking.boundaries), "
+                remedy = (f"improve chunk {k - 1} first, give chunk {k} more of the model (boundaries=[...]), "
                           f"let it reach into chunk {k - 1} (overlap=1), or switch to global training (switch.at)")
             elif lr is not None and peak and lr < 0.2 * peak:
                 cause = f"the schedule has decayed chunk {k}'s learning rate to {lr:.2e} ({lr / peak:.0%} of its peak)"

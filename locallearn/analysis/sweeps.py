@@ -2,8 +2,8 @@
 
 :func:`collect` reads run and multirun directories (``summary.json``, ``.hydra/overrides.yaml`` and the
 TensorBoard validation curve of each run), :func:`groups` aggregates over seeds, :func:`end_to_end_for`
-finds a group's end-to-end reference. The reports (:mod:`locallearn.compare`, :mod:`locallearn.depth_benefit`,
-:mod:`locallearn.curve_fit`) and the probing read runs through it.
+finds a group's end-to-end reference. The reports (:mod:`.compare`, :mod:`.depth_benefit`,
+:mod:`.curve_fit`) and the probing read runs through it.
 """
 
 import json
@@ -14,17 +14,13 @@ from statistics import mean, stdev
 
 import yaml
 
+from locallearn.config import under, upgrade_override
 from locallearn.errors import ConfigError
 
 # Overrides that do not change what a run computes (or are the seed itself): not part of a group's identity.
 IGNORED = ("seed", "trainer.enable_progress_bar", "ckpt_path", "paths", "hydra")
 # Overrides that say how a model is cut into chunks: the matching end-to-end group differs in these only.
-LOCAL_KEYS = ("chunks", "chunking", "overlap", "head", "loss_weights", "switch", "mode", "variant")
-
-
-def under(key: str, names) -> bool:
-    """Whether ``key`` is one of ``names`` or inside one of them ("switch.at" is under "switch")."""
-    return any(key == n or key.startswith(n + ".") or key.startswith(n + "/") for n in names)
+LOCAL_KEYS = ("chunks", "boundaries", "overlap", "interlock", "head", "loss_weights", "switch", "mode", "variant")
 
 
 @dataclass
@@ -82,8 +78,8 @@ def read_run(run_dir: Path) -> RunRecord:
     path = run_dir / ".hydra" / "overrides.yaml"
     if path.is_file():
         for item in yaml.safe_load(path.read_text()) or []:
-            key, _, value = item.lstrip("+~").partition("=")
-            if not under(key, IGNORED):
+            key, _, value = upgrade_override(item).lstrip("+~").partition("=")
+            if key and not under(key, IGNORED):
                 overrides[key] = value
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():

@@ -1,7 +1,7 @@
 """A GPT-style decoder as a plain ``nn.Module``.
 
 The model knows nothing about chunks: it exposes its pieces (``embed``, ``blocks``, ``ln_f``,
-``lm_head``) so that :mod:`locallearn.chunked` can run them chunk by chunk. ``forward`` is the
+``lm_head``) so that :mod:`locallearn.model.chunked` can run them chunk by chunk. ``forward`` is the
 ordinary end-to-end pass. Input and output embeddings are *not* tied: tying would make the
 embedding (chunk 1) and the LM head (last chunk) one tensor trained by two local losses.
 """

@@ -20,8 +20,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from locallearn.atomic import atomic_open
+from locallearn.config import IDENTITY, differences, summarize, upgrade_config
 from locallearn.errors import ConfigError
-from locallearn.rundir import IDENTITY, differences, summarize
 
 # Settings a checkpoint's tensors are made for; seed, batch order and size may differ (fine-tuning from a run).
 CHECKPOINT_IDENTITY = tuple(k for k in IDENTITY if k != "seed")
@@ -93,7 +93,7 @@ def check_compatible(path, config: dict, state_dict: dict) -> None:
     if not saved:
         raise ConfigError(f"ckpt_path={path} holds no locallearn run config; pass a checkpoint written by "
                           f"python run.py.")
-    diffs = differences(saved, config, CHECKPOINT_IDENTITY, ignore=_FREE)
+    diffs = differences(upgrade_config(saved), config, CHECKPOINT_IDENTITY, ignore=_FREE)
     if diffs:
         raise ConfigError(f"ckpt_path={path} was made for other settings: {summarize(diffs)}; resume it with its "
                           f"own settings (resume=<its run dir>) or train without ckpt_path.")

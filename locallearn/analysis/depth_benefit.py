@@ -19,7 +19,7 @@ from statistics import mean, stdev
 
 from scipy import stats
 
-from locallearn.sweeps import Group, blocks, end_to_end_for
+from locallearn.analysis.sweeps import Group, blocks, end_to_end_for
 
 METRICS = {  # name -> (value of a run's summary, sign: +1 if larger is better)
     "loss": (lambda s: list(s["val_loss"].values())[-1] if s.get("val_loss") else None, -1),

@@ -1,32 +1,23 @@
-"""Execution strategies: how a training batch becomes per-chunk updates.
+"""The chunk update, written once: zero the gradients, run the backward pass of the chunks' weighted local
+losses, clip, step the optimizer and the schedule, and return what gets logged (:func:`update`).
 
-Every strategy forms a chunk's update with the one function :func:`update`: zero the gradients, run the
-backward pass of the chunks' weighted local losses, clip, step the optimizer and the schedule. They
-differ only in how the backward pass runs and where:
-
-* ``joint``: one forward through all chunks, one backward of the weighted sum of local losses.
-  Every chunk's graph is alive at once.
-* ``sequential``: forward, backward and free each chunk in turn; only one chunk's graph is alive at
-  a time, which is where local learning's activation-memory saving comes from.
-* ``pipeline``: each chunk in its own process, all at once (:mod:`locallearn.pipeline`); each chunk
-  makes exactly the updates it makes in ``sequential``, which is how a pipeline runs inside one
-  process (the LR range test, the benchmark's bare loop).
-
-The gradient cut inside :meth:`ChunkedGPT.forward_chunk` makes the chunks' graphs disjoint, so all
-three produce the same gradients (and, with the same seed, the same updates). ``loss_fn(k, h, logits)``
-scores chunk k; a chunk whose weight is 0 is scored (for logging) but sends no gradient.
-
-A new way of forming updates (synthetic or delayed gradients, say) is one new :class:`Strategy` and its
-config file, ``conf/mode/<name>.yaml`` (``mode: <name>`` and a ``strategy`` node with its ``_target_``).
+Every execution strategy (:mod:`locallearn.training.strategies`, :mod:`locallearn.pipeline`), the LR range
+test and the benchmark's bare loop form a chunk's update with it. They differ only in the backward pass
+they hand it: :func:`joint_backward` (one backward of the weighted sum of local losses, every chunk's
+graph alive at once) or :func:`sequential_backward` (forward, backward and free each chunk in turn, one
+graph alive at a time: where local learning's activation-memory saving comes from). The gradient cut in
+:meth:`ChunkedGPT.forward_chunk` makes the chunks' graphs disjoint, so both give the same gradients.
+``loss_fn(k, h, logits)`` scores chunk k; a chunk whose weight is 0 is scored (for logging) but sends no
+gradient.
 """
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from locallearn.chunked import ChunkedGPT
+from locallearn.model.chunked import ChunkedGPT
 
 
 def weighted_backward(loss: torch.Tensor, weight: float, backward: Callable) -> None:
@@ -137,63 +128,3 @@ def update(optimizer, net: ChunkedGPT, chunks: Sequence[int], backward_pass: Cal
             hypergrad.apply()
     hypergrads = [hypergrad.last_hypergrad[k] for k in chunks] if hypergrad is not None else None
     return Update(step, list(chunks), losses, norms, lrs, momenta, total if global_phase else None, hypergrads)
-
-
-class Strategy:
-    """How a :class:`~locallearn.module.LocalLearner` turns a batch into per-chunk updates (training) and
-    per-chunk outputs (validation). The hooks are for strategies that run chunks elsewhere (the pipeline)."""
-
-    name = ""
-    # The backward pass of all chunks in one process: what the LR range test and the bare benchmark loop run.
-    backward = staticmethod(sequential_backward)
-
-    @staticmethod
-    def check(cfg) -> None:
-        """Refuse, in one sentence, a run config this strategy cannot run (before anything is built)."""
-
-    def train_step(self, module, prepared, loss_fn: Callable, step: int) -> list[Update]:
-        """Train on one batch; return the updates whose results are known now (for any chunk and step)."""
-        net = module.net
-        return [module.update(lambda: self.backward(net, prepared.idx, loss_fn, module.manual_backward,
-                                                    module.loss_weights), range(len(net)), step)]
-
-    def validation_outputs(self, module, prepared) -> Iterable[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(k, h, logits) of every chunk scored in this process."""
-        for k, (h, logits) in enumerate(module.net(prepared.idx)):
-            yield k, h, logits
-
-    # -- hooks ----------------------------------------------------------------------------------------
-    def setup(self, module) -> None:
-        """At the start of fit."""
-
-    def on_train_start(self, module) -> None:
-        """After Lightning restored a checkpoint, before the first training step."""
-
-    def on_validation_start(self, module) -> None:
-        pass
-
-    def end_validation(self, module) -> None:
-        """Before the validation metrics are computed: add what other processes scored."""
-
-    def on_train_end(self, module) -> None:
-        pass
-
-    def teardown(self, module, graceful: bool = True) -> None:
-        """At the end of fit, however it ends."""
-
-    def process_activation_bytes(self, module) -> list[int | None]:
-        """Peak bytes saved for backward in one step, per process."""
-        return [module.activation_bytes]
-
-    def worker_rss_bytes(self) -> list[int]:
-        """Peak resident memory of the processes besides this one."""
-        return []
-
-
-class Joint(Strategy):
-    name = "joint"
-    backward = staticmethod(joint_backward)
-
-
-class Sequential(Strategy):
-    name = "sequential"
