@@ -5,6 +5,7 @@ see locallearn.training.memory), on the CPU, deterministically. Prints a markdow
 
     python analysis/activation_memory.py                       # model=small, batch 12, vocab 65
     python analysis/activation_memory.py --model base --batch 8 --chunks 1 2 4 8 --out mem.json
+    python analysis/activation_memory.py --chunks 1 4 --interlock 1 2 4   # n-wise interlocking: what it holds
 """
 
 import argparse
@@ -27,9 +28,9 @@ BACKWARD = {"joint": joint_backward, "sequential": sequential_backward}  # pipel
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
-def measure(cfg: GPTConfig, chunks: int, mode: str, batch: int, seed: int = 0) -> int:
+def measure(cfg: GPTConfig, chunks: int, mode: str, batch: int, seed: int = 0, interlock: int = 1) -> int:
     torch.manual_seed(seed)
-    net = ChunkedGPT(GPT(cfg), ChunkPlan.build(cfg.n_layer, chunks), LinearHead)
+    net = ChunkedGPT(GPT(cfg), ChunkPlan.build(cfg.n_layer, chunks, interlock=interlock), LinearHead)
     x = torch.randint(cfg.vocab_size, (batch, cfg.block_size + 1))
     objective = CausalLM()
     prepared = objective.prepare(x)
@@ -45,6 +46,8 @@ def main():
     ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=65, help="vocabulary size (65: tiny Shakespeare)")
     ap.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--interlock", type=int, nargs="+", default=[1],
+                    help="n of n-wise interlocking, each with every K > 1 (1: local learning)")
     ap.add_argument("--out", default="activation_memory.json")
     args = ap.parse_args()
     if not (CONF / f"{args.model}.yaml").is_file():
@@ -57,13 +60,14 @@ def main():
     rows = []
     for mode in ("joint", "sequential"):  # pipeline holds per process what sequential holds
         for k in args.chunks:
-            rows.append({"model": args.model, "batch": args.batch, "mode": mode, "chunks": k,
-                         "bytes": measure(cfg, k, mode, args.batch)})
-    base = {r["mode"]: r["bytes"] for r in rows if r["chunks"] == args.chunks[0]}
-    print(f"| mode | chunks | activation bytes | vs chunks={args.chunks[0]} |\n|---|---|---|---|")
+            for n in sorted({1} | set(args.interlock)) if k > 1 else [1]:
+                rows.append({"model": args.model, "batch": args.batch, "mode": mode, "chunks": k, "interlock": n,
+                             "bytes": measure(cfg, k, mode, args.batch, interlock=n)})
+    base = {r["mode"]: r["bytes"] for r in rows if r["chunks"] == args.chunks[0] and r["interlock"] == 1}
+    print(f"| mode | chunks | interlock | activation bytes | vs chunks={args.chunks[0]} |\n|---|---|---|---|---|")
     for r in rows:
         r["ratio"] = r["bytes"] / base[r["mode"]]
-        print(f"| {r['mode']} | {r['chunks']} | {r['bytes']:,} | {r['ratio']:.3f} |")
+        print(f"| {r['mode']} | {r['chunks']} | {r['interlock']} | {r['bytes']:,} | {r['ratio']:.3f} |")
     write_json(args.out, rows)
     print(f"\nwrote {args.out}")
 

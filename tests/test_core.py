@@ -94,8 +94,8 @@ def test_joint_and_sequential_give_the_same_gradients(cfg, chunks, overlap, inte
     torch.testing.assert_close(grads["joint"][1], grads["sequential"][1], rtol=0, atol=0)
 
 
-def saved_bytes(chunks, step, cfg, B=12):
-    net = make_net(cfg, chunks=chunks)
+def saved_bytes(chunks, step, cfg, B=12, interlock=1):
+    net = make_net(cfg, chunks=chunks, interlock=interlock)
     idx, targets = batch(cfg, B=B)
     with SavedTensorMeter(net.parameters()) as meter:
         step(net, idx, chunk_loss(targets), lambda loss: loss.backward(), [1.0] * chunks)
@@ -112,6 +112,9 @@ def test_sequential_activation_memory_shrinks_with_chunks():
     assert k4 < k2 < k1
     # joint mode keeps every chunk's graph alive: no saving, only the auxiliary heads' extra cost
     assert saved_bytes(4, joint_backward, small) >= k1
+    # n-wise interlocking, sequentially: chunk k's backward holds the n chunks its loss trains
+    assert saved_bytes(4, sequential_backward, small, interlock=2) == k2
+    assert saved_bytes(4, sequential_backward, small, interlock=4) == k1
 
 
 def test_meter_counts_activations_not_parameters():
