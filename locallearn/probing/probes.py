@@ -56,29 +56,32 @@ class LinearProbe:
         x = {s: torch.from_numpy(np.stack([feats[s][name] for name in layers])).float() for s in feats}  # (L, N, C)
         mean, std = x["train"].mean(1, keepdim=True), x["train"].std(1, unbiased=False, keepdim=True)
         x = {s: (v - mean) / torch.where(std > 0, std, torch.ones_like(std)) for s, v in x.items()}
-        y = {s: torch.from_numpy(np.asarray(v)).long() for s, v in labels.items()}
-        K = int(max(int(v.max()) for v in y.values())) + 1
-        L, order = len(layers), sorted(range(len(self.C)), key=lambda s: self.C[s])  # strongest first
+        y, K = _labels(labels)
+        L = len(layers)
         dev, test, done, fit = torch.zeros(L, len(self.C)), torch.zeros(L, len(self.C)), True, None
-        for s in order:
+        for s in sorted(range(len(self.C)), key=lambda s: self.C[s]):  # strongest first, each warm-starting the next
             fit = _fit(x["train"], y["train"], torch.full((L, 1), float(self.C[s])), K, self.max_iter, self.tol, fit)
-            dev[:, s], test[:, s] = _accuracy(x["dev"], y["dev"], *fit[:2])[:, 0], _accuracy(x["test"], y["test"],
-                                                                                              *fit[:2])[:, 0]
+            dev[:, s] = _accuracy(x["dev"], y["dev"], *fit[:2])[:, 0]
+            test[:, s] = _accuracy(x["test"], y["test"], *fit[:2])[:, 0]
             done = done and fit[2]
-        best = dev.argmax(1)  # the first of equals: the strongest regularization among the best
-        rows = torch.arange(L)
-        results = {name: ProbeResult(float(test[i, best[i]]), float(dev[i, best[i]]), float(self.C[int(best[i])]),
+        best = [int(s) for s in dev.argmax(1)]  # the first of equals: the strongest regularization among the best
+        results = {name: ProbeResult(float(test[i, best[i]]), float(dev[i, best[i]]), float(self.C[best[i]]),
                                      converged=done) for i, name in enumerate(layers)}
-        C = torch.tensor(self.C, dtype=torch.float32).expand(L, -1)  # (L, S)
         if control is not None:
-            yc = {s: torch.from_numpy(np.asarray(v)).long() for s, v in control.items()}
-            Kc = max(K, int(max(int(v.max()) for v in yc.values())) + 1)
-            Wc, bc, done_c = _fit(x["train"], yc["train"], C[rows, best].unsqueeze(1), Kc, self.max_iter, self.tol)
+            yc, Kc = _labels(control)
+            chosen = torch.tensor([[float(self.C[s])] for s in best])  # (L, 1): each layer's selected C
+            Wc, bc, done_c = _fit(x["train"], yc["train"], chosen, max(K, Kc), self.max_iter, self.tol)
             ctrl = _accuracy(x["test"], yc["test"], Wc, bc)[:, 0]
             for i, name in enumerate(layers):
                 results[name].control_accuracy = float(ctrl[i])
                 results[name].converged = done and done_c
         return results
+
+
+def _labels(labels: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], int]:
+    """Per split, the labels as a tensor; and the number of classes they span."""
+    y = {s: torch.from_numpy(np.asarray(v)).long() for s, v in labels.items()}
+    return y, int(max(int(v.max()) for v in y.values())) + 1
 
 
 def _fit(x: torch.Tensor, y: torch.Tensor, C: torch.Tensor, K: int, max_iter: int, tol: float, init=None):
