@@ -34,7 +34,14 @@ def make_module(cfg: DictConfig, net: ChunkedGPT, objective) -> LocalLearner:
         scheduler=instantiate(cfg.schedule) if cfg.get("schedule") is not None else None,
         switch=Switch(**cfg.get("switch", {})),
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        method=make_method(cfg),
     )
+
+
+def make_method(cfg: DictConfig):
+    """The method ``cfg.method`` names (None: local), without its ``predictor`` (built into the model by make_net)."""
+    node = cfg.get("method")
+    return instantiate(OmegaConf.masked_copy(node, [k for k in node if k != "predictor"])) if node else None
 
 
 def make_strategy(cfg: DictConfig, K: int) -> Strategy:

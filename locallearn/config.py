@@ -99,6 +99,7 @@ def upgrade_config(saved: dict) -> dict:
     if isinstance(saved.get("chunking"), Mapping):  # the chunk plan's group before its keys were top-level
         saved["boundaries"] = saved.pop("chunking").get("boundaries")
     saved.setdefault("interlock", 1)  # before n-wise interlocking, every run was interlock=1
+    saved.setdefault("method", {"_target_": "locallearn.training.methods.Local"})  # and before methods, local
     return upgrade_targets(saved)
 
 
@@ -121,7 +122,7 @@ def compose_run_config(output_dir, overrides=(), config_name: str = "config"):
     return cfg
 
 
-IDENTITY = ("model", "data", "chunks", "boundaries", "overlap", "interlock", "head", "objective", "seed",
+IDENTITY = ("model", "data", "chunks", "boundaries", "overlap", "interlock", "method", "head", "objective", "seed",
             "optim._target_", "schedule._target_")
 
 

@@ -20,7 +20,8 @@ from locallearn.errors import ConfigError
 # Overrides that do not change what a run computes (or are the seed itself): not part of a group's identity.
 IGNORED = ("seed", "trainer.enable_progress_bar", "ckpt_path", "paths", "hydra")
 # Overrides that say how a model is cut into chunks: the matching end-to-end group differs in these only.
-LOCAL_KEYS = ("chunks", "boundaries", "overlap", "interlock", "head", "loss_weights", "switch", "mode", "variant")
+LOCAL_KEYS = ("chunks", "boundaries", "overlap", "interlock", "method", "head", "loss_weights", "switch", "mode",
+              "variant")
 
 
 @dataclass

@@ -36,6 +36,7 @@ def check_run(cfg: DictConfig) -> None:
     check_chunk_lr(cfg.optim.get("chunk_lr"), len(plan))
     check_hypergrad_lr(cfg.optim.get("hypergrad_lr"))
     Switch(**cfg.get("switch", {}))
+    _check_method(cfg)
     if cfg.data.block_size < objective.min_block_size:
         raise ConfigError(f"objective={objective.name} needs data.block_size >= {objective.min_block_size} but got "
                           f"data.block_size={cfg.data.block_size}; raise it or use objective=mlm.")
@@ -53,6 +54,20 @@ def check_run(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.strategy={ddp} wraps the model in DistributedDataParallel, which syncs "
                           f"gradients in every backward pass (mode=sequential runs one per chunk); use trainer=ddp, "
                           f"whose strategy syncs them once per step.")
+
+
+def _check_method(cfg: DictConfig):
+    method = cfg.get("method")
+    if not method or not get_class(method._target_).sends:
+        return
+    name = get_class(method._target_).name
+    for key, local in (("overlap", 0), ("interlock", 1)):
+        if cfg.get(key, local) != local:
+            raise ConfigError(f"method={name} sends gradients back across the cut, and {key}={cfg[key]} moves the "
+                              f"cut into earlier chunks; use one of them: drop {key} or use method=local.")
+    if cfg.get("switch", {}).get("at") is not None:
+        raise ConfigError(f"method={name} sends gradients back across the cut, and switch.at={cfg.switch.at} removes "
+                          f"the cut after the switch; use one of them: switch.at=null or method=local.")
 
 
 def _check_schedule(cfg: DictConfig):

@@ -34,11 +34,13 @@ class ChunkedGPT(nn.Module):
     returned by chunk k-1: hidden states by block index and, under ``"rng"``, the random state to replay)
     -> (hand-off for chunk k+1, its output h (B, T, C), its head's logits (B, T, V)).
     ``make_head(cfg)`` builds the auxiliary heads; ``make_extra(cfg)`` (optional) builds one more
-    module per chunk that the objective needs (the span-boundary network).
+    module per chunk that the objective needs (the span-boundary network); ``make_predictor(cfg)`` (optional) one
+    per chunk but the last, that a method trains at the chunk's output (synthetic gradients).
     """
 
     def __init__(self, gpt: GPT, plan: ChunkPlan, make_head: Callable[..., nn.Module],
-                 make_extra: Callable[..., nn.Module | None] | None = None):
+                 make_extra: Callable[..., nn.Module | None] | None = None,
+                 make_predictor: Callable[..., nn.Module] | None = None):
         super().__init__()
         cfg = gpt.config
         if plan.n_layer != cfg.n_layer:
@@ -48,18 +50,21 @@ class ChunkedGPT(nn.Module):
         self.aux_heads = nn.ModuleList(make_head(cfg) for _ in plan.chunks[:-1])
         extras = [make_extra(cfg) for _ in plan.chunks] if make_extra else []
         self.extra = nn.ModuleList(extras) if extras and all(m is not None for m in extras) else None
+        self.predictors = nn.ModuleList(make_predictor(cfg) for _ in plan.chunks[:-1]) if make_predictor else None
         self.local = True  # False in the global phase: gradients cross chunk boundaries
 
     def __len__(self) -> int:
         return len(self.plan)
 
-    def _input(self, k: int, handoff: dict):
+    def _input(self, k: int, handoff: dict, grad_input: bool = False):
         chunk = self.plan[k]
         own = handoff[chunk.start]  # the previous chunk's output
         if not self.local:
             return own
         if chunk.cut == chunk.start:
-            return handoff[chunk.cut].detach()  # the gradient cut: no gradient crosses it
+            # The gradient cut: no gradient crosses it. With grad_input the cut input is a leaf that collects the
+            # gradient of this chunk's objective, for a method to send back (it never reaches the chunk below).
+            return handoff[chunk.cut].detach().requires_grad_(grad_input)
         h = self.recompute_overlap(k, handoff)
         # The value handed on is the previous chunk's own output (bit for bit what the recomputation gives,
         # but not left to it); the gradient goes through the recomputation.
@@ -71,7 +76,7 @@ class ChunkedGPT(nn.Module):
         drew dropout masks from (recorded in ``handoff["rng"]``), so with the same masks."""
         chunk, rng = self.plan[k], handoff.get("rng", {})
         device = handoff[chunk.start].device
-        replay = lambda key: _replaying(rng[key], device) if key in rng else nullcontext()  # noqa: E731
+        replay = lambda key: replaying(rng[key], device) if key in rng else nullcontext()  # noqa: E731
         if chunk.embed:
             with replay("embed"):
                 h = self.gpt.embed(handoff["idx"])
@@ -88,7 +93,9 @@ class ChunkedGPT(nn.Module):
         edges = sorted({chunk.cut, chunk.start} | {c.start for c in self.plan if chunk.cut < c.start < chunk.start})
         return list(zip(edges[:-1], edges[1:]))
 
-    def forward_chunk(self, k: int, x):
+    def forward_chunk(self, k: int, x, grad_input: bool = False, head: bool = True):
+        """Chunk k on its input (see the class). ``grad_input``: chunk k's cut input is a leaf requiring grad, returned
+        in the hand-off under ``"input"``; ``head=False``: no logits (None), for a replay that needs only h."""
         chunk, later = self.plan[k], self.plan.chunks[k + 1:]
         prev = x if k else {"idx": x}
         reach = [c for c in later if c.cut < c.start]  # later chunks whose losses come back through this one
@@ -99,10 +106,11 @@ class ChunkedGPT(nn.Module):
         rng = {key: s for key, s in prev.get("rng", {}).items() if key in rng_at} if replay else {}
         if k == 0:
             if replay and "embed" in rng_at:
-                rng["embed"] = _rng_state(x.device)
+                rng["embed"] = dropout_state(x.device)
             h = self.gpt.embed(x)  # (B, T, C)
         else:
-            h = self._input(k, x)  # (B, T, C)
+            h = self._input(k, x, grad_input)  # (B, T, C)
+        cut_input = h
         need = {c.cut for c in later if not c.embed} | {c.start for c in later}  # block inputs later chunks read
         handoff = {i: v for i, v in prev.items() if isinstance(i, int) and i in need}  # from earlier chunks
         if any(c.embed for c in later):
@@ -111,13 +119,15 @@ class ChunkedGPT(nn.Module):
             handoff[chunk.start] = h
         for i in chunk.layers:
             if i in rng_at and replay:
-                rng[i] = _rng_state(h.device)  # what a later chunk's recomputation replays
+                rng[i] = dropout_state(h.device)  # what a later chunk's recomputation replays
             h = self.gpt.blocks[i](h)
             if i + 1 in need:
                 handoff[i + 1] = h
         if rng:
             handoff["rng"] = rng
-        return handoff, h, self.head(k, h)
+        if grad_input and k:
+            handoff["input"] = cut_input
+        return handoff, h, self.head(k, h) if head else None
 
     def head(self, k: int, h):
         """(B, T, C) -> (B, T, V) through chunk k's head."""
@@ -138,9 +148,11 @@ class ChunkedGPT(nn.Module):
         return (embeddings if k == 0 else []) + mods
 
     def head_modules(self, k: int) -> list[nn.Module]:
-        """Chunk k's head, and its objective module if there is one."""
-        head = [self.gpt.ln_f, self.gpt.lm_head] if k == len(self.plan) - 1 else [self.aux_heads[k]]
-        return head + ([self.extra[k]] if self.extra is not None else [])
+        """Chunk k's head, its objective module and its gradient predictor, where there are ones."""
+        last = k == len(self.plan) - 1
+        head = [self.gpt.ln_f, self.gpt.lm_head] if last else [self.aux_heads[k]]
+        predictor = [self.predictors[k]] if self.predictors is not None and not last else []
+        return head + ([self.extra[k]] if self.extra is not None else []) + predictor
 
     def chunk_parameters(self, k: int) -> list[nn.Parameter]:
         """The parameters chunk k owns: its trunk and its head (its optimizer param group)."""
@@ -178,13 +190,13 @@ class ChunkedGPT(nn.Module):
         return out
 
 
-def _rng_state(device: torch.device) -> tuple:
+def dropout_state(device: torch.device) -> tuple:
     """The random state dropout draws from on ``device``: the CPU generator's, and the GPU's when on one."""
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 @contextmanager
-def _replaying(state: tuple, device: torch.device):
+def replaying(state: tuple, device: torch.device):
     """Run under a recorded random state; the global random stream continues afterwards as if nothing ran."""
     cpu, gpu = state
     with torch.random.fork_rng(devices=[device] if gpu is not None else []):
@@ -195,12 +207,15 @@ def _replaying(state: tuple, device: torch.device):
 
 
 def make_net(cfg: DictConfig, objective, vocab_size: int) -> ChunkedGPT:
-    """The chunked model ``cfg`` describes, for data of ``vocab_size`` tokens (``objective`` is bound to it)."""
+    """The chunked model ``cfg`` describes, for data of ``vocab_size`` tokens (``objective`` is bound to it), with the
+    modules its method adds at the boundaries (``method.predictor``)."""
     objective.bind(vocab_size)
     model_cfg = instantiate(cfg.model, vocab_size=vocab_size + objective.extra_tokens)
     plan = ChunkPlan.build(model_cfg.n_layer, cfg.chunks, cfg.get("boundaries"), cfg.get("overlap", 0),
                            cfg.get("interlock", 1))
-    net = ChunkedGPT(GPT(model_cfg), plan, instantiate(cfg.head), objective.chunk_module)
+    predictor = (cfg.get("method") or {}).get("predictor")
+    net = ChunkedGPT(GPT(model_cfg), plan, instantiate(cfg.head), objective.chunk_module,
+                     instantiate(predictor) if predictor is not None and plan.chunks[1:] else None)
     if cfg.get("compile"):  # the blocks only: the cut, the heads and the losses stay eager, in every mode
         for block in net.gpt.blocks:
             block.compile()

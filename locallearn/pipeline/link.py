@@ -3,7 +3,7 @@
 Everything travels down one chain of ordered messages (TRAIN, VAL, VAL_END, STATE, LOAD, STOP), so a
 validation or a state request reaches chunk k only after all the training batches before it. Train
 results come back to rank 0 on a side channel (tag RESULT); pickled objects (validation sums, chunk
-states) on a third (OBJECT).
+states) on a third (OBJECT); a method's gradient messages go up the chain on a fourth (GRAD).
 
 Processes talk through a gloo process group built from a TCP store (not torch's default group,
 which Lightning and torchmetrics would take for data parallelism). Tensors on a GPU are staged
@@ -21,7 +21,8 @@ import torch.distributed as dist
 from locallearn.model.objectives import Prepared
 
 TRAIN, VAL, VAL_END, STATE, LOAD, STOP = range(6)
-CHAIN, RESULT, OBJECT = 0, 1, 2  # message tags: the chain, train results to rank 0, pickled objects
+CHAIN, RESULT, OBJECT, GRAD = 0, 1, 2, 3  # message tags: the chain, train results to rank 0, pickled objects, a
+#                                           method's gradient messages to the chunk before
 HEADER = 64  # int64 slots: command, step, number of tensors, then (dtype, ndim, on device, d0, d1, d2) per tensor
 SLOTS = 6
 MAX_TENSORS = (HEADER - 3) // SLOTS
@@ -51,9 +52,10 @@ class Link:
         self.rank, self.world, self.device = rank, world, torch.device("cpu")
         self.nccl = None
         self._pending: list = []  # sends in flight: (work, tensor kept alive until it completes)
-        # Train results to rank 0 are never waited for while training: rank 0 receives them only between its
-        # own steps, and a chain send waiting behind them could wait for a rank 0 that waits for this rank's
-        # validation results (a deadlock from K=4 on). They are tiny; completed ones are dropped as we go.
+        # Train results to rank 0 and gradient messages to the chunk before are never waited for while training:
+        # their receivers take them only between their own steps (or at a state pull), and a chain send waiting
+        # behind them could wait for a rank that waits for this rank's validation results (a deadlock from K=4 on
+        # for results, from the first validation for messages). Completed ones are dropped as we go.
         self._results: list = []
 
     def use_device(self, device, backend: str = "gloo"):
@@ -66,14 +68,14 @@ class Link:
             self.nccl = dist.ProcessGroupNCCL(dist.PrefixStore("nccl/", self.store), self.rank, self.world, options)
 
     def _send(self, tensors, dst, tag):
-        queue = self._results if tag == RESULT else self._pending
+        queue = self._results if tag in (RESULT, GRAD) else self._pending
         for t in tensors:
             group = self.nccl if t.is_cuda else self.pg
             queue.append((group.send([t], dst, tag), t))
 
     def wait_sends(self, keep: int = 0):
-        """Wait until at most ``keep`` sends other than train results are still in flight (with ``keep=0``,
-        train results too)."""
+        """Wait until at most ``keep`` sends other than train results and gradient messages are still in flight
+        (with ``keep=0``, those too)."""
         while len(self._pending) > keep:
             work, _ = self._pending.pop(0)
             work.wait()
@@ -128,16 +130,24 @@ class Link:
 
 # -- one chunk's training state, moved between ranks --------------------------------------------------
 
-def chunk_state(net, optimizer, k: int) -> dict:
-    """Chunk k's parameters and their optimizer state, on the host."""
+def chunk_state(net, optimizer, k: int, method) -> dict:
+    """Chunk k's parameters, their optimizer state and the method's state for the chunk, on the host."""
     params = net.chunk_parameters(k)
     opt_state = [{n: (v.detach().cpu() if torch.is_tensor(v) else v) for n, v in optimizer.state.get(p, {}).items()}
                  for p in params]
-    return {"params": [p.detach().cpu() for p in params], "opt": opt_state}
+    return {"params": [p.detach().cpu() for p in params], "opt": opt_state, "method": _moved(method.state(k), "cpu")}
+
+
+def _moved(obj, device):
+    """``obj`` with its tensors on ``device``, except random states (CPU byte tensors wherever the model is)."""
+    if isinstance(obj, dict):
+        return {key: (value if key == "rng" else _moved(value, device)) for key, value in obj.items()}
+    return obj.to(device) if torch.is_tensor(obj) else obj
 
 
 @torch.no_grad()
-def load_chunk_state(net, optimizer, k: int, state: dict):
+def load_chunk_state(net, optimizer, k: int, state: dict, method):
+    method.load_state(k, _moved(state.get("method", {}), net.gpt.wte.weight.device))
     for p, value, opt_state in zip(net.chunk_parameters(k), state["params"], state["opt"]):
         p.copy_(value.to(p.device))
         if opt_state:

@@ -38,9 +38,10 @@ from locallearn.pipeline.link import (
     load_chunk_state,
     prepared_tensors,
 )
+from locallearn.pipeline.messages import BackwardMessages, metric_record
 from locallearn.pipeline.worker import PEER_LOST, run_worker
 from locallearn.training.strategies import Strategy
-from locallearn.training.update import Update, weighted_backward
+from locallearn.training.update import Update, chunk_backward
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class PipelineStrategy(Strategy):
         self.threads, self.backend = threads, backend
         self.module = None  # the LightningModule driving the pipeline (from setup on)
         self.link: Link | None = None
+        self.messages: BackwardMessages | None = None  # a method's gradient messages from chunk 2 (with the link)
         self.procs: list = []
         self._threads_before: int | None = None
         self.next_result: list[int] = []  # per chunk: the next train step whose result rank 0 expects
@@ -101,6 +103,7 @@ class PipelineStrategy(Strategy):
                 p.start()
                 self.procs.append(p)
         self.link = Link(0, K, addr, port)
+        self.messages = BackwardMessages(self.link, 0, K, module.method, self._guard)
         if "WORLD_SIZE" in os.environ:  # the torchrun workers wait for their config
             for k in range(1, K):
                 self.link.send_object(k, setup(k))
@@ -146,6 +149,7 @@ class PipelineStrategy(Strategy):
     def _stop_workers(self, graceful: bool = True):
         if graceful and self.link is not None:
             try:
+                self.messages.take()  # leave no send of chunk 2 unmatched
                 self.link.send(1, STOP)
                 self.link.wait_sends()
             except RuntimeError:
@@ -165,17 +169,19 @@ class PipelineStrategy(Strategy):
         net, opt = self.module.net, self.module.optimizers().optimizer
         self._guard(self.link.send, 1, LOAD, self.module.global_step)
         for k in range(1, len(net)):
-            self._guard(self.link.send_object, k, chunk_state(net, opt, k))
+            self._guard(self.link.send_object, k, chunk_state(net, opt, k, self.module.method))
         self._guard(self.link.wait_sends)
+        self.messages.reset()
         self._loaded = True
 
     def _pull_states(self):
         """Copy every worker's chunk (parameters, optimizer state) into this process's model."""
         net, opt = self.module.net, self.module.optimizers().optimizer
         self._guard(self.link.send, 1, STATE)
+        self.messages.take()  # the message chunk 2 still owes belongs in the checkpoint
         for k in range(1, len(net)):
             state = self._guard(self.link.recv_object, k)
-            load_chunk_state(net, opt, k, state)
+            load_chunk_state(net, opt, k, state, self.module.method)
             self.worker_activation_bytes[k] = state["activation_bytes"]
             self.worker_rss[k] = state["max_rss_bytes"]
         self._pulled_at = self.module.global_step
@@ -204,13 +210,15 @@ class PipelineStrategy(Strategy):
     def train_step(self, module, prepared, loss_fn, step: int) -> list[Update]:
         net = module.net
 
-        def backward_pass():
-            out, h, logits = net.forward_chunk(0, prepared.idx)
-            if len(net) > 1:  # hand on first: chunk 2 starts while chunk 1 runs its backward
+        def handed_on(out):  # hand on first: chunk 2 starts while chunk 1 runs its backward
+            if len(net) > 1:
                 self._guard(self.link.send, 1, TRAIN, step, [out[net.plan[1].start], *prepared_tensors(prepared)])
-            loss = loss_fn(0, h, logits)
-            weighted_backward(loss, module.loss_weights[0], module.manual_backward)
-            return [loss.detach()]
+                self.messages.handed_on(step)  # and the message of the step before comes in
+
+        def backward_pass():
+            _, loss, _ = chunk_backward(net, 0, prepared.idx, loss_fn, module.manual_backward, module.loss_weights[0],
+                                        module.method, handed_on)
+            return [loss]
 
         first = module.update(backward_pass, [0], step)
         # Rank k works k steps behind rank 0; taking its results one step later still keeps rank 0 from waiting.
@@ -222,8 +230,9 @@ class PipelineStrategy(Strategy):
         for k in range(1, len(self.module.net)):
             while self.next_result[k] <= min(through(k), self.module.trainer.max_steps - 1):
                 _, s, (values,) = self._guard(self.link.recv, k, RESULT)
-                loss, lr, norm, momentum = values.tolist()
-                updates.append(Update(s, [k], [torch.tensor(loss)], [norm], [lr], [momentum]))
+                loss, lr, norm, momentum, *metrics = values.tolist()
+                extra = metric_record(self.module.method, k, len(self.module.net), metrics)
+                updates.append(Update(s, [k], [torch.tensor(loss)], [norm], [lr], [momentum], extra=extra))
                 self.next_result[k] = s + 1
         return updates
 

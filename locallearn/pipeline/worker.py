@@ -27,18 +27,21 @@ from locallearn.pipeline.link import (
     load_chunk_state,
     prepared_from,
 )
+from locallearn.pipeline.messages import BackwardMessages, metric_values
 from locallearn.training.learner import LocalLearner
 from locallearn.training.memory import metered
-from locallearn.training.update import update, weighted_backward
+from locallearn.training.update import chunk_backward, update
 
 PEER_LOST = 3  # exit code of a worker that stops because another process died
 
 
 class ChunkWorker:
-    """What a worker holds: chunk k of the model, its optimizer and schedule, and its validation sums."""
+    """What a worker holds: chunk k of the model, its optimizer and schedule, its end of the method's backward
+    messages, and its validation sums."""
 
-    def __init__(self, module: LocalLearner, k: int, max_steps: int, device):
+    def __init__(self, module: LocalLearner, k: int, max_steps: int, device, link: Link):
         self.module, self.k, self.device = module, k, device
+        self.messages = BackwardMessages(link, k, link.world, module.method)
         self.net = module.net.to(device)
         self.optimizer = module.optimizer_factory([g for g in module.param_groups() if g["chunk"] == k])
         self.max_steps = max_steps
@@ -61,20 +64,27 @@ class ChunkWorker:
         return scheduler
 
     def train(self, handoff, prepared: Prepared, forward, step: int) -> list[float]:
-        """One update of the chunk; ``forward(out)`` hands its output on. Returns loss, lr, grad norm, momentum."""
+        """One update of the chunk; ``forward(out)`` hands its output on. Returns loss, lr, grad norm, momentum and
+        the method's metrics."""
         self.net.train()
+        method = self.module.method
+
+        def handed_on(out):
+            forward(out)  # the next chunk can start now
+            self.messages.handed_on(step)  # and the message of the step before comes in
 
         def backward_pass():
-            out, h, logits = self.net.forward_chunk(self.k, handoff)
-            forward(out)  # the next chunk can start now
-            loss = self.module.chunk_loss(self.k, h, logits, prepared)
-            weighted_backward(loss, self.weight, torch.Tensor.backward)
-            return [loss.detach()]
+            loss_fn = lambda k, h, logits: self.module.chunk_loss(k, h, logits, prepared)  # noqa: E731
+            _, loss, grad = chunk_backward(self.net, self.k, handoff, loss_fn, torch.Tensor.backward, self.weight,
+                                           method, handed_on)
+            self.messages.send_back(step, grad)
+            return [loss]
 
         if self.activation_bytes is None:  # the first step's
             backward_pass = metered(backward_pass, self.net.parameters(), self._measured)
         u = update(self.optimizer, self.net, [self.k], backward_pass, step, self.module.grad_clip, self.scheduler)
-        return [float(u.losses[0]), u.lrs[0], float(u.norms[0]), u.momenta[0]]
+        return [float(u.losses[0]), u.lrs[0], float(u.norms[0]), u.momenta[0],
+                *metric_values(method, self.k, self.messages.K)]
 
     def _measured(self, peak: int):
         self.activation_bytes = peak
@@ -96,7 +106,7 @@ class ChunkWorker:
 def worker_loop(link: Link, module: LocalLearner, max_steps: int, device) -> None:
     """Run chunk ``link.rank`` (from 0) until STOP: the body of every rank but 0."""
     k, K = link.rank, link.world
-    chunk = ChunkWorker(module, k, max_steps, device)
+    chunk = ChunkWorker(module, k, max_steps, device, link)
     plan = module.net.plan
     last = k == K - 1
 
@@ -125,18 +135,21 @@ def worker_loop(link: Link, module: LocalLearner, max_steps: int, device) -> Non
         elif cmd == STATE:
             if not last:
                 link.send(k + 1, STATE)
-            state = chunk_state(chunk.net, chunk.optimizer, k)
+            chunk.messages.take()  # the message the next chunk still owes belongs in the state
+            state = chunk_state(chunk.net, chunk.optimizer, k, module.method)
             state["activation_bytes"] = chunk.activation_bytes
             state["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             link.send_object(0, state)
         elif cmd == LOAD:
             if not last:
                 link.send(k + 1, LOAD, step)
-            load_chunk_state(chunk.net, chunk.optimizer, k, link.recv_object(0))
+            load_chunk_state(chunk.net, chunk.optimizer, k, link.recv_object(0), module.method)
+            chunk.messages.reset()
             chunk.scheduler = chunk.schedule(step)
         elif cmd == STOP:
             if not last:
                 link.send(k + 1, STOP)
+            chunk.messages.take()  # leave no send of the next chunk unmatched
             link.wait_sends()
             return
 

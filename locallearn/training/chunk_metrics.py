@@ -109,6 +109,7 @@ def update_metrics(u, losses: list[float] | None, momentum: bool, switch: bool, 
             metrics[f"train/momentum/{tag}"] = u.momenta[i]
         if u.hypergrads is not None:
             metrics[f"train/hypergrad/{tag}"] = u.hypergrads[i]
+    metrics |= {name: float(v) for name, v in (u.extra or {}).items()}
     if switch:
         metrics["train/global_phase"] = float(u.total_norm is not None)
     if u.total_norm is not None:  # the norm clipped in global steps; the chunk norms are its parts

@@ -25,6 +25,7 @@ from locallearn.training.chunk_metrics import ChunkMetrics, update_metrics
 from locallearn.training.ddp import average_gradients
 from locallearn.training.hypergrad import HypergradientLR
 from locallearn.training.memory import metered
+from locallearn.training.methods import Local, Method
 from locallearn.training.schedules import cycles_momentum
 from locallearn.training.strategies import Joint, Strategy
 from locallearn.training.switch import EWC, Switch, earlier_chunk_params, start_global_phase
@@ -49,17 +50,19 @@ class LocalLearner(L.LightningModule):
         run_config: the resolved run config, stored in checkpoints (as ``config``) and summaries.
         chunk_lr: one learning rate per chunk (default: the optimizer's own).
         hypergrad_lr: hypergradient step size: adapt each chunk's LR online (see :mod:`locallearn.training.hypergrad`).
+        method: what chunks send back across the cut (see :mod:`locallearn.training.methods`); default nothing (local).
     """
 
     def __init__(self, net: ChunkedGPT, objective, strategy: Strategy | None = None, optimizer: Callable | None = None,
                  scheduler: Callable | None = None, grad_clip: float | None = 1.0,
                  loss_weights: list[float] | None = None, switch: Switch | None = None, seed: int = 0,
                  run_config: dict | None = None, chunk_lr: list[float] | None = None,
-                 hypergrad_lr: float | None = None):
+                 hypergrad_lr: float | None = None, method: Method | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.net, self.objective = net, objective
         self.strategy = strategy or Joint()
+        self.method = method or Local()
         self.loss_weights = [float(w) for w in loss_weights] if loss_weights is not None else [1.0] * len(net)
         self.switch = switch or Switch()
         self.seed = seed
@@ -114,7 +117,8 @@ class LocalLearner(L.LightningModule):
         """Every chunk's backward pass on a prepared batch, in this process, as the strategy runs it there: what
         the LR range test and the benchmark's bare loop pass to :func:`~locallearn.training.update.update`."""
         loss_fn = partial(self.chunk_loss, prepared=prepared)
-        return partial(self.strategy.backward, self.net, prepared.idx, loss_fn, backward, self.loss_weights)
+        return partial(self.strategy.backward, self.net, prepared.idx, loss_fn, backward, self.loss_weights,
+                       method=self.method)
 
     def mask_generator(self, step: int, train: bool) -> torch.Generator:
         """The generator of a batch's masks (mlm, span). Training masks depend on (seed, step), so a resumed run
@@ -129,7 +133,7 @@ class LocalLearner(L.LightningModule):
             backward_pass = metered(backward_pass, self.net.parameters(), self._measured)
         sync = (lambda: average_gradients(self.net.parameters())) if self.trainer.world_size > 1 else None
         return update(self.optimizers(), self.net, chunks, backward_pass, step, self.grad_clip,
-                      self.lr_schedulers(), sync, self.hypergrad, global_phase)
+                      self.lr_schedulers(), sync, self.hypergrad, global_phase, self.method)
 
     def _measured(self, peak: int):
         self.activation_bytes, self._measure_next = peak, False
@@ -186,8 +190,8 @@ class LocalLearner(L.LightningModule):
             self.train_records += [(k + 1, u.step, v, lr) for k, v, lr in zip(u.chunks, values, u.lrs)]
         if not self.logs_at(u.step):
             return
-        metrics = update_metrics(u, values if scored else None, self._log_momentum, self.switch.at is not None,
-                                 penalty)
+        metrics = update_metrics(u, values if scored else None, cycles_momentum(self.lr_schedulers()),
+                                 self.switch.at is not None, penalty)
         self.log_train(metrics, u.step)
 
     def logs_at(self, step: int) -> bool:
@@ -221,10 +225,6 @@ class LocalLearner(L.LightningModule):
     def process_activation_bytes(self) -> list[int | None]:
         """Peak bytes saved for backward in one step, per process (one per chunk in mode=pipeline)."""
         return self.strategy.process_activation_bytes(self)
-
-    @property
-    def _log_momentum(self) -> bool:
-        return cycles_momentum(self.lr_schedulers())
 
     def on_fit_start(self):
         self.flops_per_token = self.net.flops_per_token(self.net.gpt.config.block_size)
@@ -276,6 +276,7 @@ class LocalLearner(L.LightningModule):
             checkpoint["ewc"] = self.ewc.state_dict()
         if self.hypergrad is not None:
             checkpoint["hypergrad"] = self.hypergrad.state_dict()
+        checkpoint["method"] = self.method.state_dict()  # what its next step needs (last outputs, messages)
 
     def on_load_checkpoint(self, checkpoint):
         restore_rng_state(checkpoint.get("rng", {}))
@@ -283,6 +284,7 @@ class LocalLearner(L.LightningModule):
         if "ewc" in checkpoint:
             self.ewc = EWC.from_state(earlier_chunk_params(self.net), checkpoint["ewc"])
         self._hypergrad_state = checkpoint.get("hypergrad")
+        self.method.load_state_dict(checkpoint.get("method", {}))
 
     def on_train_start(self):
         # A run resumed after the switch step continues without the cut (its EWC anchor comes from the

@@ -6,9 +6,10 @@
 * ``pipeline``: each chunk in its own process, all at once (:mod:`locallearn.pipeline`); each chunk
   makes exactly the updates it makes in ``sequential``.
 
-With the same seed all three make the same updates. A new way of forming updates (synthetic or delayed
-gradients, say) is one new :class:`Strategy` and its config file, ``conf/mode/<name>.yaml`` (``mode: <name>``
-and a ``strategy`` node with its ``_target_``).
+With the same seed all three make the same updates, with any method that sends downstream information back
+(:mod:`locallearn.training.methods`, the ``method`` config group). A new way of running the chunks is one new
+:class:`Strategy` and its config file, ``conf/mode/<name>.yaml`` (``mode: <name>`` and a ``strategy`` node with its
+``_target_``).
 """
 
 from collections.abc import Callable, Iterable
@@ -34,7 +35,8 @@ class Strategy:
         """Train on one batch; return the updates whose results are known now (for any chunk and step)."""
         net = module.net
         return [module.update(lambda: self.backward(net, prepared.idx, loss_fn, module.manual_backward,
-                                                    module.loss_weights), range(len(net)), step)]
+                                                    module.loss_weights, method=module.method),
+                              range(len(net)), step)]
 
     def validation_outputs(self, module, prepared) -> Iterable[tuple[int, torch.Tensor, torch.Tensor]]:
         """(k, h, logits) of every chunk scored in this process."""

@@ -8,7 +8,8 @@ graph alive at once) or :func:`sequential_backward` (forward, backward and free 
 graph alive at a time: where local learning's activation-memory saving comes from). The gradient cut in
 :meth:`ChunkedGPT.forward_chunk` makes the chunks' graphs disjoint, so both give the same gradients.
 ``loss_fn(k, h, logits)`` scores chunk k; a chunk whose weight is 0 is scored (for logging) but sends no
-gradient.
+gradient. A ``method`` (:mod:`locallearn.training.methods`) adds its terms to each chunk's objective and collects
+the gradients chunks send back to their inputs; without one, training is local.
 """
 
 import math
@@ -20,34 +21,74 @@ import torch
 from locallearn.model.chunked import ChunkedGPT
 
 
-def weighted_backward(loss: torch.Tensor, weight: float, backward: Callable) -> None:
-    """Backward ``weight * loss`` (nothing for weight 0: the chunk is scored but not trained)."""
-    if weight:
-        backward(loss if weight == 1 else weight * loss)
+def weighted(loss: torch.Tensor, weight: float, extra: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``weight * loss + extra``: what a chunk backpropagates (None when nothing: weight 0, no extra term)."""
+    own = (loss if weight == 1 else weight * loss) if weight else None
+    return extra if own is None else own if extra is None else own + extra
+
+
+def weighted_backward(loss: torch.Tensor, weight: float, backward: Callable, extra: torch.Tensor | None = None) -> None:
+    """Backward ``weight * loss`` (+ a method's ``extra`` term); nothing for weight 0 and no extra term (the chunk
+    is scored but not trained)."""
+    objective = weighted(loss, weight, extra)
+    if objective is not None:
+        backward(objective)
+
+
+def chunk_backward(net: ChunkedGPT, k: int, x, loss_fn: Callable, backward: Callable, weight: float,
+                   method=None, handed_on: Callable | None = None):
+    """Chunk k's forward and backward (and its method's terms): returns (hand-off, its loss (detached), the gradient
+    of its cut input (None without a method that sends it back)). The one chunk step of sequential mode and of the
+    pipeline's processes, which hand the output on between forward and backward (``handed_on(hand-off)``)."""
+    sends = method is not None and method.sends
+    if method is not None:
+        method.start(net, k, x)
+    out, h, logits = net.forward_chunk(k, x, grad_input=sends)
+    if handed_on is not None:
+        handed_on(out)
+    loss = loss_fn(k, h, logits)
+    # Backward here frees chunk k's graph before chunk k+1 builds its own.
+    weighted_backward(loss, weight, backward, method.with_loss(net, k, h) if method is not None else None)
+    if method is not None:
+        for term in method.apart(net, k):
+            backward(term)
+    return out, loss.detach(), out["input"].grad if sends and k else None
 
 
 def joint_backward(net: ChunkedGPT, idx, loss_fn: Callable, backward: Callable, weights: Sequence[float],
-                   penalty=None) -> list[torch.Tensor]:
-    """Accumulate every chunk's gradients in one backward; return the per-chunk losses (detached).
+                   penalty=None, method=None) -> list[torch.Tensor]:
+    """Accumulate every chunk's gradients (and its method's terms) in one backward; return the per-chunk losses
+    (detached).
 
     Also the global phase of a local-to-global run (``net.local = False``), where ``penalty`` (EWC)
     joins the backward.
     """
-    losses = [loss_fn(k, h, logits) for k, (h, logits) in enumerate(net(idx))]
-    total = sum((loss if w == 1 else w * loss) for loss, w in zip(losses, weights) if w)
+    sends = method is not None and method.sends
+    losses, terms, inputs, x = [], [], [], idx
+    for k in range(len(net)):
+        if method is not None:
+            method.start(net, k, x)
+        x, h, logits = net.forward_chunk(k, x, grad_input=sends)
+        losses.append(loss_fn(k, h, logits))
+        inputs.append(x.get("input") if sends else None)
+        if method is not None:
+            terms += [t for t in (method.with_loss(net, k, h), *method.apart(net, k)) if t is not None]
+    total = sum(weighted(loss, w) for loss, w in zip(losses, weights) if w) + sum(terms)
     backward(total if penalty is None else total + penalty)
+    for k in range(1, len(net) if sends else 0):
+        method.receive(k - 1, inputs[k].grad)
     return [loss.detach() for loss in losses]
 
 
 def sequential_backward(net: ChunkedGPT, idx, loss_fn: Callable, backward: Callable,
-                        weights: Sequence[float]) -> list[torch.Tensor]:
+                        weights: Sequence[float], method=None) -> list[torch.Tensor]:
     """Forward and backward each chunk in turn; return the per-chunk losses (detached)."""
     losses, x = [], idx
     for k in range(len(net)):
-        x, h, logits = net.forward_chunk(k, x)
-        loss = loss_fn(k, h, logits)
-        weighted_backward(loss, weights[k], backward)  # frees chunk k's graph before chunk k+1 builds its own
-        losses.append(loss.detach())
+        x, loss, grad = chunk_backward(net, k, x, loss_fn, backward, weights[k], method)
+        if grad is not None:
+            method.receive(k - 1, grad)
+        losses.append(loss)
     return losses
 
 
@@ -93,13 +134,15 @@ class Update:
     momenta: list[float]  # Adam's beta1 or SGD's momentum the step used
     total_norm: torch.Tensor | float | None = None  # the norm clipped in a global step
     hypergrads: list[float] | None = None  # the hypergradient of each chunk's LR (optim.hypergrad_lr)
+    extra: dict | None = None  # what the method logs (metric name -> value), e.g. synthetic gradients' cosines
 
 
 def update(optimizer, net: ChunkedGPT, chunks: Sequence[int], backward_pass: Callable[[], list[torch.Tensor]],
            step: int, grad_clip: float | None, scheduler=None, sync: Callable | None = None, hypergrad=None,
-           global_phase: bool = False) -> Update:
+           global_phase: bool = False, method=None) -> Update:
     """The chunk update: zero the gradients, ``backward_pass()`` (returns the chunks' losses), ``sync()`` the
-    gradients (data parallelism), adapt the LRs (``hypergrad``), clip, step the optimizer, then the schedule.
+    gradients (data parallelism), adapt the LRs (``hypergrad``), clip, step the optimizer, then the schedule. The
+    record carries what the ``method`` measured in the backward pass.
 
     ``optimizer``'s param groups are tagged ``chunk=k``; it may hold more chunks than ``chunks`` (those
     have no gradient and are left alone).
@@ -127,4 +170,6 @@ def update(optimizer, net: ChunkedGPT, chunks: Sequence[int], backward_pass: Cal
         if hypergrad is not None:
             hypergrad.apply()
     hypergrads = [hypergrad.last_hypergrad[k] for k in chunks] if hypergrad is not None else None
-    return Update(step, list(chunks), losses, norms, lrs, momenta, total if global_phase else None, hypergrads)
+    extra = method.take_metrics() if method is not None else None
+    return Update(step, list(chunks), losses, norms, lrs, momenta, total if global_phase else None, hypergrads,
+                  extra or None)
