@@ -33,6 +33,7 @@ RUN: dict[str, Spec] = {
         ("chunk_lr", "optim.chunk_lr"), ("hypergrad_lr", "optim.hypergrad_lr"))},
     "method.weight": Number(0, hint="it weighs the gradient sent back against the chunk's own loss; 0 sends none"),
     "method.predictor.hidden": Number(0, integer=True, hint="0 makes the predictor one linear map"),
+    "method.predictor.attention": Flag(),
     "seed": SEED,
     "compile": Flag(),
     "grad_clip": Number(0, lo_open=True, null=True, hint="it is the max gradient norm per chunk (of the whole model "
