@@ -4,6 +4,7 @@
     python analysis/bench.py --chunks 1 2 4 8 --set model.n_layer=8 --steps 40
     python analysis/bench.py --device cuda --set model=base data.batch_size=32
     python analysis/bench.py --modes joint sequential --compile   # and compile=true (torch.compile of the blocks)
+    python analysis/bench.py --modes sequential --methods local interlock synthetic delayed   # methods at K=max
 
 Each configuration trains in a fresh process (locallearn/measure.py) through the real config and
 Lightning, with validation and checkpoints off: median step time and tokens/s over --steps steps
@@ -74,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per configuration; the fastest counts")
     ap.add_argument("--compile", action="store_true",
                     help="also time compile=true (torch.compile of every block) for each mode at the largest K and K=1")
+    ap.add_argument("--methods", nargs="*", default=[], metavar="METHOD",
+                    help="also time each method (conf/method/) in sequential mode at the largest K, and step them in "
+                         "turn with K=1 in one process")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
     return ap
@@ -99,6 +103,13 @@ def main(argv=None) -> int:
             rows.append(run_one([*base, f"chunks={k}", f"mode={mode}"], args.steps, args.warmup))
             print(f"  {mode} chunks={k}: " + (f"{rows[-1]['step_ms']:.1f} ms/step" if "error" not in rows[-1]
                                                else rows[-1]["error"]), file=sys.stderr)
+    K = max(args.chunks)
+    for method in args.methods:
+        row = run_one([*base, f"chunks={K}", "mode=sequential", f"method={method}"], args.steps, args.warmup)
+        row["mode"] = f"sequential, method={method}"
+        rows.append(row)
+        print(f"  {row['mode']} chunks={K}: " + (f"{row['step_ms']:.1f} ms/step" if "error" not in row
+                                                 else row["error"]), file=sys.stderr)
     if "pipeline" in args.modes and 2 in args.chunks and args.device == "cpu":
         # the bound for a 2-process pipeline: each process gets one core, so at best it runs the
         # sequential step at one thread twice as often
@@ -109,7 +120,8 @@ def main(argv=None) -> int:
     interleaved = None
     if "sequential" in args.modes and max(args.chunks) > 1:
         # the step-time ratio K=max / K=1, both built in one process and stepped in turn
-        configs = [[*base, f"chunks={k}", "mode=sequential"] for k in (1, max(args.chunks))]
+        configs = [[*base, f"chunks={k}", "mode=sequential"] for k in (1, K)]
+        configs += [[*base, f"chunks={K}", "mode=sequential", f"method={m}"] for m in args.methods]
         interleaved = measure_in_process({"configs": configs, "steps": args.steps, "warmup": args.warmup,
                                           "kind": "interleaved"})
     profiles = []
@@ -129,13 +141,14 @@ def main(argv=None) -> int:
     ok = [r for r in rows if "error" not in r]
     ref = {r["mode"]: r for r in ok if r["chunks"] == 1}
     ref["pipeline"] = ref.get("sequential")
+    ref |= {f"sequential, method={m}": ref.get("sequential") for m in args.methods}
     ref["sequential, 1 thread"] = None
     print(f"| mode | chunks | step: fastest (slowest) of {REPEATS} | tokens/s | step vs K=1 | act. memory (max per "
-          f"process) | vs K=1 | peak RSS (max per process) | CUDA peak | aux heads' FLOPs |\n"
-          f"|---|---|---|---|---|---|---|---|---|---|")
+          f"process) | vs K=1 | held between steps | peak RSS (max per process) | CUDA peak | aux heads' FLOPs |\n"
+          f"|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['mode']} | {r['chunks']} | error: {r['error']} | | | | | | | |")
+            print(f"| {r['mode']} | {r['chunks']} | error: {r['error']} | | | | | | | | |")
             continue
         k1 = ref.get(r["mode"])
         t_ratio = f"{r['step_ms'] / k1['step_ms']:.2f}x" if k1 else "-"
@@ -143,7 +156,8 @@ def main(argv=None) -> int:
         slowest = max(r.get("step_ms_repeats") or [r["step_ms"]])
         print(f"| {r['mode']} | {r['chunks']} | {r['step_ms']:.1f} ({slowest:.1f}) ms | {r['tokens_per_s']:,.0f} | "
               f"{t_ratio} | "
-              f"{_fmt_bytes(r['activation_bytes'])} | {m_ratio} | {_fmt_bytes(r['peak_rss_bytes'])} | "
+              f"{_fmt_bytes(r['activation_bytes'])} | {m_ratio} | {_fmt_bytes(r.get('method_state_bytes'))} | "
+              f"{_fmt_bytes(r['peak_rss_bytes'])} | "
               f"{_fmt_bytes(r['cuda_peak_allocated_bytes'])} | {r['aux_head_flop_share']:.1%} |")
 
     good = [p for p in profiles if "error" not in p]
@@ -168,8 +182,11 @@ def main(argv=None) -> int:
                        s4["step_ms"] / s1["step_ms"] <= 1.05))
     if isinstance(interleaved, dict):
         ratio = interleaved["ratio_to_first"][1]
-        checks.append((f"  the same, K={max(args.chunks)} / K=1 stepped in turn in one process (bare loop)", ratio,
+        checks.append((f"  the same, K={K} / K=1 stepped in turn in one process (bare loop)", ratio,
                        "<= 1.05", ratio <= 1.05))
+        for method, ratio in zip(args.methods, interleaved["ratio_to_first"][2:]):
+            checks.append((f"  method={method} K={K} / K=1 stepped in turn in one process (bare loop)", ratio, "-",
+                           True))
     if s2 and p2:
         checks.append(("pipeline K=2 / sequential K=2 tokens/s", p2["tokens_per_s"] / s2["tokens_per_s"], ">= 1.6",
                        p2["tokens_per_s"] / s2["tokens_per_s"] >= 1.6))

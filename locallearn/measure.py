@@ -24,11 +24,12 @@ import time
 import lightning as L
 import torch
 
-from locallearn.build import quiet_lightning
-from locallearn.config import compose_run_config
+from locallearn.build import make_method, quiet_lightning
+from locallearn.config import compose_run_config, instantiate
+from locallearn.model.chunked import make_net
 from locallearn.train import build
-from locallearn.training.memory import metered
-from locallearn.training.update import update
+from locallearn.training.memory import SavedTensorMeter, metered
+from locallearn.training.update import sequential_backward, update
 
 BENCH_OVERRIDES = [
     "++trainer.limit_val_batches=0",
@@ -87,6 +88,7 @@ def measure(overrides: list[str], steps: int, warmup: int, threads: int | None =
             "tokens_per_s": tokens / step_s, "tokens_per_step": tokens,
             "activation_bytes": max(b for b in per_process if b is not None),
             "activation_bytes_per_process": per_process,
+            "method_state_bytes": module.method.state_bytes(),  # held between steps (this process's chunks)
             "cuda_peak_allocated_bytes": (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None),
             "peak_rss_bytes": max(rss), "peak_rss_bytes_per_process": rss,
             "aux_head_flop_share": _aux_flop_share(module.flops_per_token or []),
@@ -114,7 +116,7 @@ def bare_loop(overrides: list[str], total_steps: int, threads: int | None = None
         batch = next(batches).to(device)
         prepared = module.objective.prepare(batch, module.mask_generator(i, train=True))
         backward_pass = module.backward_pass(prepared)
-        if i == 0:
+        if i == int(module.method.sends):  # the first step (with a method, the second: the first has no message)
             backward_pass = metered(backward_pass, net.parameters(), peaks.append)
         update(opt, net, range(len(net)), backward_pass, i, module.grad_clip, sched)
         if device.type == "cuda":
@@ -231,3 +233,25 @@ if __name__ == "__main__":
     fn = {"bare": measure_bare, "profile": profile_ops, "blocks": measure_blocks, "interleaved": measure_interleaved,
           "lightning": measure}[kind]
     print(json.dumps(fn(**args)))
+
+
+def step_memory(cfg, vocab_size: int, seed: int = 0) -> dict[str, int]:
+    """What one ``mode=sequential`` training step of the run config ``cfg`` holds, on the CPU, deterministically: the
+    peak bytes saved for backward (the second step, so that a method's terms are in it) and the bytes its method
+    keeps between steps. The memory a run of ``cfg`` in any mode saves per chunk's process, whatever mode it ran in."""
+    torch.manual_seed(seed)
+    objective = instantiate(cfg.objective)
+    net = make_net(cfg, objective, vocab_size).train()
+    method = make_method(cfg)
+    T = int(cfg.data.block_size)
+    tokens = torch.randint(vocab_size, (2, int(cfg.data.batch_size), T + 1))
+    peak = 0
+    for i in range(2):
+        prepared = objective.prepare(tokens[i], torch.Generator().manual_seed(i))
+        extra = (lambda k: net.extra[k]) if net.extra is not None else (lambda k: None)  # noqa: E731
+        loss_fn = lambda k, h, logits, p=prepared: objective.loss(logits, h, p, extra(k))  # noqa: E731
+        with SavedTensorMeter(net.parameters()) as meter:
+            sequential_backward(net, prepared.idx, loss_fn, torch.Tensor.backward, [1.0] * len(net), method=method)
+        peak = meter.peak
+        net.zero_grad(set_to_none=True)
+    return {"saved_peak": peak, "held": method.state_bytes() if method is not None else 0}

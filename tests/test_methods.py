@@ -31,7 +31,7 @@ def batches(n, seed=1):
 
 def loss_fn_for(objective, net, idx):
     """A clm batch of ``idx`` and the loss function of its chunks."""
-    prepared = objective.prepare((idx[:, :-1], idx[:, 1:]), torch.Generator().manual_seed(0))
+    prepared = objective.prepare(idx, torch.Generator().manual_seed(0))
     return prepared, lambda k, h, logits: objective.loss(logits, h, prepared, None)
 
 

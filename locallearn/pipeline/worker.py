@@ -49,6 +49,7 @@ class ChunkWorker:
         self.scheduler = self.schedule(0)
         self.weight = module.loss_weights[k]
         self.activation_bytes = None
+        self.measure_in = 2 if module.method.sends else 1
         self.val_sum = self.val_weight = 0.0
         self.answers = [0.0, 0.0, 0]  # summed answer loss, correct answers, answers (tasks only)
 
@@ -80,7 +81,8 @@ class ChunkWorker:
             self.messages.send_back(step, grad)
             return [loss]
 
-        if self.activation_bytes is None:  # the first step's
+        self.measure_in -= 1
+        if self.measure_in == 0:  # the first step's (with a method, the second: the first has no message yet)
             backward_pass = metered(backward_pass, self.net.parameters(), self._measured)
         u = update(self.optimizer, self.net, [self.k], backward_pass, step, self.module.grad_clip, self.scheduler)
         return [float(u.losses[0]), u.lrs[0], float(u.norms[0]), u.momenta[0],

@@ -84,7 +84,7 @@ class LocalLearner(L.LightningModule):
         self.flops_per_token: list[dict[str, float]] | None = None  # forward, per chunk: trunk and head
         self.train_records: list[tuple[int, int, float, float]] = []  # (chunk, step, loss, lr) not yet read
         self.no_target_steps: set[int] = set()  # steps whose batch had nothing to score (no loss to record)
-        self._measure_next = True
+        self._measure_in = 2 if self.method.sends else 1  # the step measured: a method's first has no message yet
 
     # -- optimization ---------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
@@ -129,14 +129,15 @@ class LocalLearner(L.LightningModule):
     def update(self, backward_pass, chunks, step: int, global_phase: bool = False) -> Update:
         """:func:`locallearn.training.update.update` with this run's optimizer, schedule, clipping, data parallelism and
         LR adaptation (what a strategy calls for the chunks it trains in this process)."""
-        if self._measure_next:  # the first step's peak of activations saved for backward
+        self._measure_in -= 1
+        if self._measure_in == 0:  # that step's peak of activations saved for backward
             backward_pass = metered(backward_pass, self.net.parameters(), self._measured)
         sync = (lambda: average_gradients(self.net.parameters())) if self.trainer.world_size > 1 else None
         return update(self.optimizers(), self.net, chunks, backward_pass, step, self.grad_clip,
                       self.lr_schedulers(), sync, self.hypergrad, global_phase, self.method)
 
     def _measured(self, peak: int):
-        self.activation_bytes, self._measure_next = peak, False
+        self.activation_bytes = peak
 
     def training_step(self, batch, batch_idx):
         world = self.trainer.world_size

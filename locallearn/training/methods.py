@@ -72,6 +72,14 @@ class Method:
         metrics, self.metrics = self.metrics, {}
         return metrics
 
+    def state_bytes(self) -> int:
+        """Bytes the method holds between steps (outputs, inputs, messages; random states aside)."""
+        def size(v):
+            if isinstance(v, dict):
+                return sum(size(x) for x in v.values())
+            return v.numel() * v.element_size() if torch.is_tensor(v) else 0
+        return sum(size({n: v for n, v in state.items() if n != "rng"}) for state in self.chunks.values())
+
     def state(self, k: int) -> dict:
         return dict(self.chunks.get(k, {}))
 
@@ -106,17 +114,24 @@ class SyntheticGradients(Method):
     def with_loss(self, net, k, h):
         if k == len(net) - 1:
             return None
-        predictor, state = net.predictors[k], self.chunks.setdefault(k, {})
-        tokens = h.shape[0] * h.shape[1]
-        term = self.weight * (h * (predictor(h.detach()).detach() / tokens)).sum()  # ĝ: (B, T, C)
+        self._output = h.detach()
+        with torch.no_grad():
+            guess = net.predictors[k](h) / (h.shape[0] * h.shape[1])  # ĝ: (B, T, C)
+        return self.weight * (h * guess).sum()
+
+    def apart(self, net, k):
+        # The regression on a graph of its own: in sequential mode the chunk's graph is freed before it is built.
+        if k == len(net) - 1:
+            return
+        state = self.chunks.setdefault(k, {})
         if "grad" in state and "h" in state:
-            guess, target = predictor(state["h"]), state["grad"] * tokens  # (B, T, C) each
+            tokens = state["h"].shape[0] * state["h"].shape[1]
+            guess, target = net.predictors[k](state["h"]), state["grad"] * tokens  # (B, T, C) each
             cosine = F.cosine_similarity(guess.detach().flatten().float(), target.flatten().float(), dim=0)
             self.metrics[self.metric_names(k, len(net))[0]] = cosine
-            term = term + F.mse_loss(guess, target)
+            yield F.mse_loss(guess, target)
         state.pop("grad", None)
-        state["h"] = h.detach()
-        return term
+        state["h"] = self._output
 
 
 class DelayedGradients(Method):
