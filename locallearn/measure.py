@@ -246,9 +246,9 @@ def step_memory(cfg, vocab_size: int, seed: int = 0) -> dict[str, int]:
     T = int(cfg.data.block_size)
     tokens = torch.randint(vocab_size, (2, int(cfg.data.batch_size), T + 1))
     peak = 0
+    extra = (lambda k: net.extra[k]) if net.extra is not None else (lambda k: None)  # noqa: E731
     for i in range(2):
         prepared = objective.prepare(tokens[i], torch.Generator().manual_seed(i))
-        extra = (lambda k: net.extra[k]) if net.extra is not None else (lambda k: None)  # noqa: E731
         loss_fn = lambda k, h, logits, p=prepared: objective.loss(logits, h, p, extra(k))  # noqa: E731
         with SavedTensorMeter(net.parameters()) as meter:
             sequential_backward(net, prepared.idx, loss_fn, torch.Tensor.backward, [1.0] * len(net), method=method)
