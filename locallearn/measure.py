@@ -29,7 +29,7 @@ from locallearn.config import compose_run_config, instantiate
 from locallearn.model.chunked import make_net
 from locallearn.train import build
 from locallearn.training.memory import SavedTensorMeter, metered
-from locallearn.training.update import sequential_backward, update
+from locallearn.training.update import joint_backward, sequential_backward, update
 
 BENCH_OVERRIDES = [
     "++trainer.limit_val_batches=0",
@@ -238,20 +238,26 @@ if __name__ == "__main__":
 def step_memory(cfg, vocab_size: int, seed: int = 0) -> dict[str, int]:
     """What one ``mode=sequential`` training step of the run config ``cfg`` holds, on the CPU, deterministically: the
     peak bytes saved for backward (the second step, so that a method's terms are in it) and the bytes its method
-    keeps between steps. The memory a run of ``cfg`` in any mode saves per chunk's process, whatever mode it ran in."""
+    keeps between steps; with a local-to-global switch, the most of a local and a global step. What a run of ``cfg``
+    holds in mode=sequential (per chunk's process in mode=pipeline), whatever mode it ran in."""
     torch.manual_seed(seed)
     objective = instantiate(cfg.objective)
     net = make_net(cfg, objective, vocab_size).train()
     method = make_method(cfg)
     T = int(cfg.data.block_size)
     tokens = torch.randint(vocab_size, (2, int(cfg.data.batch_size), T + 1))
-    peak = 0
+    peaks = []
     extra = (lambda k: net.extra[k]) if net.extra is not None else (lambda k: None)  # noqa: E731
-    for i in range(2):
-        prepared = objective.prepare(tokens[i], torch.Generator().manual_seed(i))
+    switch = (cfg.get("switch") or {}).get("at") is not None
+    for i in range(3 if switch else 2):
+        net.local = i < 2  # the third: a global step, after the switch
+        prepared = objective.prepare(tokens[i % 2], torch.Generator().manual_seed(i))
         loss_fn = lambda k, h, logits, p=prepared: objective.loss(logits, h, p, extra(k))  # noqa: E731
+        backward = sequential_backward if net.local else joint_backward  # as the learner's global phase
         with SavedTensorMeter(net.parameters()) as meter:
-            sequential_backward(net, prepared.idx, loss_fn, torch.Tensor.backward, [1.0] * len(net), method=method)
-        peak = meter.peak
+            backward(net, prepared.idx, loss_fn, torch.Tensor.backward, [1.0] * len(net),
+                     method=method if net.local else None)
+        peaks.append(meter.peak)
         net.zero_grad(set_to_none=True)
+    peak = max(peaks[1:])
     return {"saved_peak": peak, "held": method.state_bytes() if method is not None else 0}

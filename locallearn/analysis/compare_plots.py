@@ -1,4 +1,5 @@
-"""Figures of a sweep report (matplotlib, PNG): validation curves, loss by chunk depth, loss against wall time."""
+"""Figures of a sweep report (matplotlib, PNG): validation curves, loss by chunk depth, loss against wall time, the
+share of the depth benefit kept (against K, and against activation memory)."""
 
 from pathlib import Path
 
@@ -117,6 +118,28 @@ def kept_by_chunks(rows, name, path: Path) -> Path:
         ax.grid(alpha=0.3)
         if shown:
             ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def kept_vs_memory(points: list[dict], path: Path) -> Path:
+    """The trade-off: the share of the depth benefit kept (mean and 95% interval over seeds) against the memory a
+    training step holds relative to end to end; one point per way of training (``points``: name, memory, and per
+    metric ``kept``, ``low``, ``high`` in %, or None), the two end-to-end references at 0% and 100%."""
+    metrics = [m for m in ("loss", "answer_acc") if any(p.get(m) for p in points)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for i, p in enumerate(q for q in points if q.get(metric)):
+            k = p[metric]
+            err = [[k["kept"] - k["low"]], [k["high"] - k["kept"]]] if k.get("low") is not None else None
+            ax.errorbar(p["memory"], k["kept"], yerr=err, marker="s" if p.get("reference") else "o", capsize=3,
+                        color="grey" if p.get("reference") else f"C{i}", label=p["name"])
+        ax.axhline(100, color="grey", lw=0.8, ls="--")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("activation memory of a training step (mode=sequential), vs end to end")
+        ax.set_ylabel("kept (%)")
+        ax.set_title(f"kept vs activation memory ({'val loss' if metric == 'loss' else 'answer accuracy'})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 

@@ -12,8 +12,8 @@ from locallearn.errors import TrainingDiverged
 
 log = logging.getLogger(__name__)
 
-SUMMARY_CONFIG_KEYS = ("chunks", "mode", "seed", "model", "data", "boundaries", "interlock", "head", "objective",
-                       "optim", "schedule", "grad_clip")
+SUMMARY_CONFIG_KEYS = ("chunks", "mode", "seed", "model", "data", "boundaries", "overlap", "interlock", "method",
+                       "head", "objective", "loss_weights", "switch", "optim", "schedule", "grad_clip")
 
 
 def answer_fields(answers: dict | None, datamodule) -> dict:
