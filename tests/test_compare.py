@@ -152,7 +152,7 @@ def test_gap_is_taken_to_the_end_to_end_run_of_the_same_model(tmp_path):
 
 # variant -> blocks per chunk, in a 4-block model (the depth_benefit recipes)
 PLANS = {"end_to_end": [[0, 1, 2, 3]], "shallow2": [[0, 1]], "shallow1": [[0]], "chunks2": [[0, 1], [2, 3]],
-         "chunked": [[0], [1], [2], [3]]}
+         "chunked": [[0], [1], [2], [3]], "delayed": [[0], [1], [2], [3]], "synthetic": [[0], [1], [2], [3]]}
 
 
 def depth_sweep(root, values: dict[str, list[float]], accs: dict[str, list[float]] | None = None):

@@ -180,3 +180,39 @@ def test_method_interlock_is_two_wise_interlocking(make_cfg):
     cfg = make_cfg("chunks=4", "model.n_layer=4", "method=interlock")
     assert cfg.interlock == 2 and make_method(cfg).name == "local"
     assert OmegaConf.select(make_cfg("chunks=4", "method=interlock", "interlock=3"), "interlock") == 3
+
+
+def test_tradeoff_puts_kept_against_the_memory_each_way_of_training_holds(tmp_path):
+    """analysis/tradeoff.py: kept from the sweep, memory measured on each group's own run config."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from analysis.tradeoff import main
+    from tests.conftest import compose_config
+    from tests.test_compare import depth_sweep
+
+    losses = {"end_to_end": [1.0, 1.1, 1.2], "shallow1": [3.0, 3.1, 3.2], "chunked": [2.0, 2.1, 2.2],
+              "delayed": [1.5, 1.6, 1.7], "synthetic": [2.5, 2.6, 2.7]}
+    root = depth_sweep(tmp_path / "m", losses)
+    for run in root.iterdir():  # each fake run gets the config its variant composes (4 blocks of model=tiny)
+        variant = run.name.split("variant=")[1].split(",")[0]
+        depth = [] if variant.startswith("shallow") else ["model.n_layer=4"]  # shallow variants set their own
+        cfg = compose_config(run, *depth, f"variant={variant}")
+        OmegaConf.save(cfg, run / "config.yaml")
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps(summary | {"vocab_size": 40}))
+    assert main([str(root), "--out", str(tmp_path / "out")]) == 0
+    points = {p["name"].split(" ")[0]: p for p in json.loads((tmp_path / "out" / "tradeoff.json").read_text())}
+    assert points["variant=end_to_end"]["memory"] == 1.0 and points["variant=end_to_end"]["loss"]["kept"] == 100
+    assert points["variant=chunked"]["loss"]["kept"] == pytest.approx(50)  # (3.0 - 2.0) / (3.0 - 1.0)
+    # one block per chunk holds what the one-block model holds; delayed gradients replay after the chunk's graph
+    # is freed, and hold each chunk's input and message between steps: (B, T) ids and 5 (B, T, C) floats
+    chunked, delayed = points["variant=chunked"], points["variant=delayed"]
+    assert chunked["saved_peak"] == points["variant=shallow1"]["saved_peak"] < points["variant=end_to_end"]["saved_peak"]
+    assert delayed["saved_peak"] == chunked["saved_peak"] and chunked["held"] == 0
+    B, T, C = cfg.data.batch_size, cfg.data.block_size, cfg.model.n_embd
+    assert delayed["held"] == B * T * 8 + 5 * B * T * C * 4
+    assert points["variant=synthetic"]["held"] == 6 * B * T * C * 4  # each output and its message
+    assert (tmp_path / "out" / "kept_vs_memory.png").stat().st_size > 0
+    assert "| variant=delayed | 4 | 75% [" in (tmp_path / "out" / "tradeoff.md").read_text()

@@ -179,7 +179,7 @@ def test_bench_runs_on_the_tiny_model_and_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "analysis/bench.py", "--chunks", "1", "2", "--modes", "sequential",
                            "pipeline", "--steps", "3", "--warmup", "1", "--repeats", "1", "--set", "model=tiny",
-                           "--out", str(out)],
+                           "--methods", "delayed", "--out", str(out)],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
@@ -190,10 +190,15 @@ def test_bench_runs_on_the_tiny_model_and_writes_its_table(tmp_path):
         assert 0 < p["library_share"] < 1 and p["ms_per_step"]["matmul"] > 0 and p["ms_per_step"]["attention"] > 0
         assert sum(p["ms_per_step"].values()) == pytest.approx(p["total_ms"])
     assert "| profile sequential | 2 |" in proc.stdout
-    steps = result["interleaved"]["step_ms"]  # K=1 and K=2 stepped in turn in one process
-    assert len(steps) == 2 and result["interleaved"]["ratio_to_first"] == pytest.approx([1, steps[1] / steps[0]])
+    steps = result["interleaved"]["step_ms"]  # K=1, K=2 and K=2 with the method stepped in turn in one process
+    assert len(steps) == 3 and result["interleaved"]["ratio_to_first"] == pytest.approx([1, *(s / steps[0]
+                                                                                              for s in steps[1:])])
     assert "K=2 / K=1 stepped in turn in one process" in proc.stdout
+    assert "method=delayed K=2 / K=1 stepped in turn in one process" in proc.stdout
     assert [(r["mode"], r["chunks"]) for r in rows] == [("bare joint", 1), ("sequential", 1), ("sequential", 2),
-                                                       ("pipeline", 2), ("sequential, 1 thread", 2)]
+                                                       ("pipeline", 2), ("sequential, method=delayed", 2),
+                                                       ("sequential, 1 thread", 2)]
     assert all("error" not in r and r["step_ms"] > 0 and r["activation_bytes"] > 0 for r in rows)
+    delayed = rows[4]  # holds chunk 1's input (token ids) and its message between steps
+    assert delayed["method_state_bytes"] > 0 and rows[2]["method_state_bytes"] == 0
     assert "| sequential | 2 |" in proc.stdout and "| pipeline K=2 / sequential K=2 tokens/s |" in proc.stdout
