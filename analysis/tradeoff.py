@@ -7,7 +7,8 @@ Reads the sweeps as analysis/compare.py does (``kept``: locallearn/analysis/dept
 95% t-interval). Memory is measured, not read from the runs (which may have run in mode=joint, where every chunk's
 graph is alive at once): each group's run config is stepped twice in mode=sequential on the CPU
 (locallearn.measure.step_memory: the peak bytes saved for backward, plus what a method keeps between steps),
-deterministically, in seconds. Writes tradeoff.md, tradeoff.json and kept_vs_memory.png (default: <first sweep>/compare).
+deterministically, in seconds. Writes tradeoff.md, tradeoff.json and kept_vs_memory.png (default: into
+<first sweep>/compare).
 """
 
 import argparse
