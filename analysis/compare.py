@@ -4,7 +4,8 @@
     python analysis/compare.py <multirun or run dir> [more ...] --out <dir>
 
 Prints the markdown table; writes compare.md, compare.csv (one row per group), runs.csv (one row per
-run, with its status) and val_curves.png, loss_by_depth.png, loss_vs_wall.png.
+run, with its status) and val_curves.png, loss_by_depth.png, loss_vs_wall.png; where they apply, answer_curves.png
+(tasks), kept_by_chunks.png (depth_benefit sweeps) and synthetic_cosines.png (method=synthetic).
 """
 
 import argparse

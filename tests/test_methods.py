@@ -2,6 +2,7 @@
 is, that every mode makes the same updates, that runs resume exactly, and what is refused."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,6 +142,9 @@ def test_every_mode_makes_the_same_updates_with_a_method(make_cfg, method):
             tags = [t for t in acc.Tags()["scalars"] if t.startswith("train/synthetic/cosine/")]
             assert sorted(tags) == ["train/synthetic/cosine/chunk1", "train/synthetic/cosine/chunk2"]
             assert [e.step for e in acc.Scalars("train/synthetic/cosine/chunk2")] == [1, 2, 3, 4, 5]
+        from locallearn.analysis.compare import write_report
+        write_report([seq.paths.output_dir, local.paths.output_dir], seq.paths.output_dir + "_compare")
+        assert Path(seq.paths.output_dir + "_compare", "synthetic_cosines.png").stat().st_size > 0
         assert ({e.step: e.value for e in acc.Scalars("train/synthetic/cosine/chunk2")}
                 == pytest.approx({e.step: e.value for e in EventAccumulator(str(seq.paths.output_dir) + "/tb")
                                   .Reload().Scalars("train/synthetic/cosine/chunk2")}, abs=1e-5))

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from locallearn.analysis import depth_benefit  # noqa: E402
-from locallearn.analysis.sweeps import Group, common_items, label  # noqa: E402
+from locallearn.analysis.sweeps import Group, common_items, label, read_curves  # noqa: E402
 from locallearn.atomic import save_figure  # noqa: E402
 
 
@@ -143,6 +143,40 @@ def kept_vs_memory(points: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+COSINE = "train/synthetic/cosine/chunk{}"
+
+
+def synthetic_cosines(all_groups: list[Group], path: Path, smooth: int = 10) -> Path | None:
+    """Synthetic gradients: the cosine between each predictor's guess and the true gradient message against step, one
+    line per chunk boundary (mean over seeds, a moving average over ``smooth`` logged steps), a panel per group that
+    logs them; None when no run does."""
+    panels = []
+    for g in all_groups:
+        tags = [COSINE.format(k) for k in range(1, g.chunks)]
+        curves = [read_curves(r.dir, tags) for r in g.done]
+        if any(c[t] for c in curves for t in tags):
+            panels.append((g, tags, curves))
+    if not panels:
+        return None
+    name = _namer(all_groups)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (g, tags, curves) in zip(axes[0], panels):
+        for k, tag in enumerate(tags, start=1):
+            runs = [dict(c[tag]) for c in curves if c[tag]]
+            steps = sorted(set.intersection(*(set(r) for r in runs)))
+            mean = np.array([[r[s] for s in steps] for r in runs]).mean(0)
+            w = min(smooth, len(mean))
+            ax.plot(steps[w - 1:], np.convolve(mean, np.ones(w) / w, mode="valid"), color=f"C{k - 1}",
+                    label=f"chunk {k} (from chunk {k + 1}), n={len(runs)}")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cosine(predicted, true gradient)")
+        ax.set_title(f"synthetic gradients: {name(g)}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_all(all_groups: list[Group], out: Path) -> dict[str, Path]:
     out = Path(out)
     figures = {"val_curves": val_curves(all_groups, out / "val_curves.png"),
@@ -150,6 +184,9 @@ def plot_all(all_groups: list[Group], out: Path) -> dict[str, Path]:
                "loss_vs_wall": loss_vs_wall(all_groups, out / "loss_vs_wall.png")}
     if any(r.answer_curve for g in all_groups for r in g.done):
         figures["answer_curves"] = val_curves(all_groups, out / "answer_curves.png", answers=True)
+    cosines = synthetic_cosines(all_groups, out / "synthetic_cosines.png")
+    if cosines is not None:
+        figures["synthetic_cosines"] = cosines
     rows = depth_benefit.rows(all_groups)
     if rows:
         figures["kept_by_chunks"] = kept_by_chunks(rows, _namer(all_groups), out / "kept_by_chunks.png")
