@@ -150,6 +150,15 @@ def test_every_mode_makes_the_same_updates_with_a_method(make_cfg, method):
                                   .Reload().Scalars("train/synthetic/cosine/chunk2")}, abs=1e-5))
 
 
+def test_a_chunk_that_does_not_train_sends_no_message_in_any_mode(make_cfg):
+    """loss_weights=[1,1,0]: chunk 3 sends nothing back; chunk 2 applies nothing, in one process as in the pipeline."""
+    seq = make_cfg("chunks=3", "mode=sequential", "method=delayed", "loss_weights=[1,1,0]")
+    pipe = make_cfg("chunks=3", "mode=pipeline", "method=delayed", "loss_weights=[1,1,0]")
+    train(seq), train(pipe)
+    assert_same_state(checkpoint(seq), checkpoint(pipe))
+    assert "grad" not in checkpoint(seq)["method"][1]
+
+
 @pytest.mark.parametrize("mode", ["sequential", "pipeline"])
 @pytest.mark.parametrize("method", ["synthetic", "delayed"])
 def test_a_run_with_a_method_resumes_exactly(make_cfg, method, mode):

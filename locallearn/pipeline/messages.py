@@ -14,6 +14,10 @@ import torch
 
 from locallearn.pipeline.link import GRAD, TRAIN, Link
 
+# What a chunk sends when its objective sent no gradient to its input (its loss weight is 0 and its method adds no
+# term there): the chunk before must still get a message for every step, and gets nothing to apply, as in one process.
+NO_MESSAGE = torch.full((1,), math.nan)
+
 
 class BackwardMessages:
     """Chunk ``k``'s end of the messages: what it owes chunk k-1 and what chunk k+1 owes it."""
@@ -34,13 +38,13 @@ class BackwardMessages:
         """Receive the message chunk k+1 owes (if any) into the method's state."""
         if self.owed is not None:
             _, _, (grad,) = self.guard(self.link.recv, self.k + 1, GRAD)
-            self.method.receive(self.k, grad)
+            self.method.receive(self.k, None if grad.numel() == 1 else grad)
             self.owed = None
 
     def send_back(self, step: int, grad: torch.Tensor | None) -> None:
         """Send the gradient of this chunk's input of step ``step`` to chunk k-1."""
-        if self.active and self.k and grad is not None:
-            self.guard(self.link.send, self.k - 1, TRAIN, step, [grad], GRAD)
+        if self.active and self.k:
+            self.guard(self.link.send, self.k - 1, TRAIN, step, [NO_MESSAGE if grad is None else grad], GRAD)
 
     def reset(self) -> None:
         """After a state load: the loaded state holds every message owed so far."""
