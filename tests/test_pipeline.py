@@ -144,13 +144,15 @@ def test_torchrun_with_the_wrong_number_of_processes_is_refused(make_cfg, monkey
         build(make_cfg("mode=pipeline", "chunks=2"))
 
 
-@pytest.mark.parametrize("mode, objective", [("joint", "clm"), ("sequential", "clm"), ("joint", "mlm"),
-                                             ("sequential", "span")],
-                         ids=["joint", "sequential", "joint-mlm", "sequential-span"])
-def test_ddp_with_two_processes_matches_one_process_with_the_combined_batch(make_cfg, mode, objective):
+@pytest.mark.parametrize("mode, objective, method", [("joint", "clm", "local"), ("sequential", "clm", "local"),
+                                                     ("joint", "mlm", "local"), ("sequential", "span", "local"),
+                                                     ("sequential", "clm", "delayed"), ("joint", "clm", "synthetic")],
+                         ids=["joint", "sequential", "joint-mlm", "sequential-span", "delayed", "synthetic"])
+def test_ddp_with_two_processes_matches_one_process_with_the_combined_batch(make_cfg, mode, objective, method):
     # mlm/span: each rank masks its rows of the combined batch, and weights its mean loss by its share of
-    # the combined batch's targets, so the averaged gradient is the combined batch's.
-    run = ("chunks=2", f"mode={mode}", f"objective={objective}")
+    # the combined batch's targets, so the averaged gradient is the combined batch's. A method's messages and
+    # predictors are per rank, in units of the rank's batch, so the averaged gradients are the combined batch's too.
+    run = ("chunks=2", f"mode={mode}", f"objective={objective}", f"method={method}")
     single_cfg = make_cfg(*run, "data.batch_size=8")
     single = build(single_cfg)
     single.trainer.fit(single.module, datamodule=single.datamodule)
