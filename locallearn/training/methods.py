@@ -102,14 +102,15 @@ class SyntheticGradients(Method):
     (:class:`~locallearn.model.predictor.GradientPredictor`) of the message; the predictor is regressed (mean squared
     error, in units of the gradient times B*T) onto the message that arrives one step later, for the output it was
     sent for. Logs ``train/synthetic/cosine/chunk{k}``: the cosine between the predictor's guess and the true message,
-    on that output, before the predictor trains on it (a sample it has not seen).
+    on that output, before the predictor trains on it (a sample it has not seen), and ``.../norm_ratio/chunk{k}``,
+    the guess's norm over the message's.
     """
 
     name = "synthetic"
     sends = True
 
     def metric_names(self, k, K):
-        return [f"train/synthetic/cosine/chunk{k + 1}"] if k < K - 1 else []
+        return [f"train/synthetic/cosine/chunk{k + 1}", f"train/synthetic/norm_ratio/chunk{k + 1}"] if k < K - 1 else []
 
     def with_loss(self, net, k, h):
         if k == len(net) - 1:
@@ -127,8 +128,10 @@ class SyntheticGradients(Method):
         if "grad" in state and "h" in state:
             tokens = state["h"].shape[0] * state["h"].shape[1]
             guess, target = net.predictors[k](state["h"]), state["grad"] * tokens  # (B, T, C) each
-            cosine = F.cosine_similarity(guess.detach().flatten().float(), target.flatten().float(), dim=0)
-            self.metrics[self.metric_names(k, len(net))[0]] = cosine
+            g, t = guess.detach().flatten().float(), target.flatten().float()
+            names = self.metric_names(k, len(net))
+            self.metrics[names[0]] = F.cosine_similarity(g, t, dim=0)
+            self.metrics[names[1]] = torch.linalg.vector_norm(g) / torch.linalg.vector_norm(t).clamp_min(1e-30)
             yield F.mse_loss(guess, target)
         state.pop("grad", None)
         state["h"] = self._output
