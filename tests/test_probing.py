@@ -520,6 +520,9 @@ def test_a_run_lacking_characters_of_the_probe_data_follows_the_unknown_characte
     (["variant=greedy"], "chunked"),
     (["chunks=4", "overlap=1", "head=block", "objective=span", "switch.at=0.8"],
      "chunked overlap=1 head=block objective=span switch.at=0.8"),
+    (["chunks=4", "method=delayed"], "chunked method=delayed"),
+    (["chunks=4", "method=synthetic"], "chunked method=synthetic"),
+    (["chunks=4", "method=interlock"], "chunked interlock=2"),
 ])
 def test_variant_names(make_cfg, overrides, expected):
     assert variant_of(make_cfg(*overrides)) == expected

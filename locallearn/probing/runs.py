@@ -79,6 +79,9 @@ def variant_of(cfg) -> str:
         parts.append(f"overlap={cfg.overlap}")
     if cfg.get("interlock", 1) > 1:
         parts.append(f"interlock={cfg.interlock}")
+    method = (cfg.get("method") or {}).get("_target_", "")
+    if method and not method.endswith(".Local"):
+        parts.append("method=" + method.rsplit(".", 1)[-1].replace("Gradients", "").lower())
     head = str(cfg.head.get("_target_", "")).rsplit(".", 1)[-1].replace("Head", "").lower()
     if head and head != "linear":
         parts.append(f"head={head}")
