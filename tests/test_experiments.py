@@ -63,12 +63,15 @@ DEPTH_BENEFIT = {"induction": ("InductionDataModule", 64), "shakespeare": ("Text
 @pytest.mark.parametrize("recipe", sorted(DEPTH_BENEFIT))
 @pytest.mark.parametrize("variant, chunks, n_layer", [
     ("end_to_end", 1, 4), ("shallow2", 1, 2), ("shallow1", 1, 1), ("chunks2", 2, 4), ("chunked", 4, 4),
-    ("overlap", 4, 4), ("block_head", 4, 4), ("switch", 4, 4),
+    ("overlap", 4, 4), ("block_head", 4, 4), ("switch", 4, 4), ("interlock2", 4, 4), ("synthetic", 4, 4),
+    ("delayed", 4, 4),
 ])
 def test_depth_benefit_variants_win_over_the_experiments_base(recipe, variant, chunks, n_layer):
     # variant comes after experiment in the defaults: the shallow references keep their depth under the recipe
     cfg = compose_with_hydra(f"experiment=depth_benefit/{recipe}", f"variant={variant}")
     assert (cfg.chunks, cfg.model.n_layer) == (chunks, n_layer)
+    method = {"synthetic": "SyntheticGradients", "delayed": "DelayedGradients"}.get(variant, "Local")
+    assert cfg.method._target_.endswith(method) and cfg.interlock == (2 if variant == "interlock2" else 1)
     data, width = DEPTH_BENEFIT[recipe]
     assert cfg.data._target_.endswith(data) and cfg.model.n_embd == width
 
@@ -77,7 +80,7 @@ def test_depth_benefit_variants_win_over_the_experiments_base(recipe, variant, c
 def test_depth_benefit_recipe_sweeps_both_references_every_variant_and_three_seeds(recipe):
     params = compose_with_hydra(f"experiment=depth_benefit/{recipe}").hydra.sweeper.params
     assert params.variant.split(",") == ["end_to_end", "shallow2", "shallow1", "chunks2", "chunked", "overlap",
-                                         "block_head", "switch"]
+                                         "block_head", "switch", "interlock2", "synthetic", "delayed"]
     assert params.seed == "0,1,2"
 
 
