@@ -2,6 +2,7 @@
 is, that every mode makes the same updates, that runs resume exactly, and what is refused."""
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from locallearn.config import instantiate
 from locallearn.errors import ConfigError
 from locallearn.model.chunked import make_net
 from locallearn.train import train
+from locallearn.training.callbacks import CHARTS
 from locallearn.training.methods import DelayedGradients, SyntheticGradients
 from locallearn.training.update import joint_backward, sequential_backward
 from tests.test_pipeline import assert_same_state, checkpoint, train_losses
@@ -139,8 +141,10 @@ def test_every_mode_makes_the_same_updates_with_a_method(make_cfg, method):
         for cfg in (seq, pipe):
             acc = EventAccumulator(str(cfg.paths.output_dir) + "/tb", size_guidance={"scalars": 0})
             acc.Reload()
-            tags = [t for t in acc.Tags()["scalars"] if t.startswith("train/synthetic/cosine/")]
-            assert sorted(tags) == ["train/synthetic/cosine/chunk1", "train/synthetic/cosine/chunk2"]
+            tags = [t for t in acc.Tags()["scalars"] if t.startswith("train/synthetic/")]
+            assert sorted(tags) == [f"train/synthetic/{m}/chunk{k}" for m in ("cosine", "norm_ratio") for k in (1, 2)]
+            for tag in tags:  # each on its chart in TensorBoard's Custom Scalars
+                assert sum(re.match(regex, tag) is not None for regex in CHARTS.values()) == 1, tag
             assert [e.step for e in acc.Scalars("train/synthetic/cosine/chunk2")] == [1, 2, 3, 4, 5]
         from locallearn.analysis.compare import write_report
         write_report([seq.paths.output_dir, local.paths.output_dir], seq.paths.output_dir + "_compare")

@@ -15,6 +15,8 @@ CHARTS = {
     "learning rate": r"^train/lr/chunk\d+$",
     "momentum": r"^train/momentum/chunk\d+$",
     "hypergradient": r"^train/hypergrad/chunk\d+$",
+    "synthetic gradient: cosine to the true one": r"^train/synthetic/cosine/chunk\d+$",  # method=synthetic only
+    "synthetic gradient: norm over the true one's": r"^train/synthetic/norm_ratio/chunk\d+$",
 }
 
 
@@ -37,7 +39,8 @@ class TensorBoardLayout(L.Callback):
         if tb is None or pl_module.final_val is None:
             return
         config = pl_module.hparams.config
-        params = {"chunks": len(pl_module.net), "mode": pl_module.mode, "seed": config.get("seed")}
+        params = {"chunks": len(pl_module.net), "mode": pl_module.mode, "method": pl_module.method.name,
+                  "seed": config.get("seed")}
         for group in ("model", "optim", "data"):
             for key, value in (config.get(group) or {}).items():
                 if isinstance(value, (int, float, str, bool)) and not key.startswith("_"):
