@@ -34,7 +34,7 @@ from locallearn.model.chunked import ChunkedGPT, dropout_state, replaying
 class Method:
     """Local learning: chunks send nothing back. The base of every method.
 
-    Per training step and chunk k, a strategy calls ``start(k, x)`` before chunk k's forward (``x`` its input),
+    Per training step and chunk k, a strategy calls ``start(net, k, x)`` before chunk k's forward (``x`` its input),
     adds ``with_loss(net, k, h)`` to the chunk's weighted loss (same graph), backpropagates each of
     ``apart(net, k)`` (graphs of their own), and after chunk k's backward hands the gradient of its input to
     ``receive(k - 1, grad)``.
@@ -94,7 +94,7 @@ class Method:
 
 
 class Local(Method):
-    pass
+    """Local learning (``method=local``, the default)."""
 
 
 class SyntheticGradients(Method):
