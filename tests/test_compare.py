@@ -222,3 +222,22 @@ def test_steps_to_an_answer_accuracy_is_read_from_the_mean_curve_over_seeds(tmp_
     write_report([root], tmp_path / "r")
     assert "| 1000 |" in (tmp_path / "r" / "compare.md").read_text()
     assert (tmp_path / "r" / "answer_curves.png").stat().st_size > 0
+
+
+def test_an_override_that_restates_the_recipes_value_still_finds_the_reference(tmp_path):
+    """A reference swept with trainer.max_steps=4000 serves runs swept without it when their config trains 4,000
+    steps too (read from config.yaml), and not when it trains another number."""
+    from locallearn.analysis.depth_benefit import rows
+
+    root = depth_sweep(tmp_path / "m", {"end_to_end": [1.0, 1.1], "shallow1": [3.0, 3.1], "chunked": [2.0, 2.1]})
+    for run in root.iterdir():
+        (run / "config.yaml").write_text(yaml.safe_dump({"trainer": {"max_steps": 4000}}))
+        if "chunked" not in run.name:  # the references were swept with the override
+            overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+            (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides + ["trainer.max_steps=4000"]))
+    (row,) = rows(groups(collect([root])))
+    assert row.results["loss"].values == pytest.approx([0.5, 0.5])
+    for run in root.iterdir():
+        if "chunked" in run.name:
+            (run / "config.yaml").write_text(yaml.safe_dump({"trainer": {"max_steps": 2000}}))
+    assert rows(groups(collect([root]))) == []

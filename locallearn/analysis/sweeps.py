@@ -202,9 +202,8 @@ def end_to_end_for(group: Group, all_groups: list[Group], depth: int | None = No
     if group.chunks == 1 and depth is None:
         return None
     depth = blocks(group) if depth is None else depth
-    rest = _settings(group)
     for g in all_groups:
-        if g is not group and g.chunks == 1 and g.done and blocks(g) == depth and _settings(g) == rest:
+        if g is not group and g.chunks == 1 and g.done and blocks(g) == depth and _same_settings(group, g):
             return g
     return None
 
@@ -212,3 +211,36 @@ def end_to_end_for(group: Group, all_groups: list[Group], depth: int | None = No
 def _settings(group: Group) -> dict[str, str]:
     """A group's overrides less the chunk settings and the depth (an end-to-end reference differs in those)."""
     return {k: v for k, v in group.key if not under(k, LOCAL_KEYS) and k != "model.n_layer"}
+
+
+def _same_settings(a: Group, b: Group) -> bool:
+    """Whether two groups differ in chunk settings and depth only. An override one group has and the other lacks
+    counts as the same when it restates the other's value (``trainer.max_steps=4000`` given to a sweep of a recipe
+    that trains 4,000 steps anyway); that value is read from the other group's saved run config."""
+    sa, sb = _settings(a), _settings(b)
+    for key in set(sa) | set(sb):
+        va = sa[key] if key in sa else _config_value(a, key)
+        vb = sb[key] if key in sb else _config_value(b, key)
+        if not _equal(va, vb):
+            return False
+    return True
+
+
+def _config_value(group: Group, key: str):
+    """``key`` in the saved config.yaml of the group's first finished run (None without one)."""
+    path = group.done[0].dir / "config.yaml" if group.done else None
+    if path is None or not path.is_file():
+        return None
+    node = yaml.safe_load(path.read_text())
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _equal(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
