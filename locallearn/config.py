@@ -4,6 +4,8 @@
   data paths do not depend on the directory a run is started from.
 * ``${ll.tag:${hydra.job.override_dirname}}``: a run's overrides as a folder-name fragment
   ("defaults" when there are none), so that run and sweep directories say what they hold.
+* ``${ll.corpus:<data.name>,<data.path>}``: a text corpus's name as a prefix of run directory names
+  ("tinyshakespeare_"; empty for generated data), so that runs on two corpora never look alike.
 * ``${ll.sweep_tag:${hydra.job.override_dirname}}``: the same for a whole multirun, from the
   sweep's own overrides ("chunks=1,2,4"). Hydra re-resolves ``hydra.sweep.dir`` inside every job,
   where ``override_dirname`` is that job's ("chunks=1"). This resolver is cached, and OmegaConf keys
@@ -35,10 +37,20 @@ def _tag(overrides: str | None) -> str:
     return tag
 
 
+def _corpus(name, path) -> str:
+    """A text corpus's name as a directory-name prefix ("tinyshakespeare_"); "" for generated data (no path)."""
+    if not path:
+        return ""
+    from locallearn.data.text import corpus_name
+
+    return _tag(str(name or corpus_name(path))) + "_"
+
+
 def register_resolvers():
     OmegaConf.register_new_resolver("ll.root", lambda: str(PROJECT_ROOT), replace=True)
     OmegaConf.register_new_resolver("ll.tag", _tag, replace=True)
     OmegaConf.register_new_resolver("ll.sweep_tag", _tag, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("ll.corpus", _corpus, replace=True)
 
 
 def quote(value: str) -> str:
@@ -100,6 +112,12 @@ def upgrade_config(saved: dict) -> dict:
         saved["boundaries"] = saved.pop("chunking").get("boundaries")
     saved.setdefault("interlock", 1)  # before n-wise interlocking, every run was interlock=1
     saved.setdefault("method", {"_target_": "locallearn.training.methods.Local"})  # and before methods, local
+    data = saved.get("data")
+    if isinstance(data, Mapping) and str(data.get("_target_", "")).endswith(("TextDataModule", "EWTDataModule")):
+        data = {"tokenizer": "char", "vocab_size": None, "tokenizer_file": None, **data}  # text was read by character
+        if data["_target_"].endswith("TextDataModule"):
+            data = {"val_path": None, "test_path": None, **data}
+        saved["data"] = data
     return upgrade_targets(saved)
 
 
@@ -124,6 +142,9 @@ def compose_run_config(output_dir, overrides=(), config_name: str = "config"):
 
 IDENTITY = ("model", "data", "chunks", "boundaries", "overlap", "interlock", "method", "head", "objective", "seed",
             "optim._target_", "schedule._target_")
+# Data settings that name or find things without changing what a run trains on: its corpus's label, the saved
+# tokenizer it reads back, the test file only evaluate.py reads.
+LABELS = ("data.name", "data.tokenizer_file", "data.test_path")
 
 
 def under(key: str, names) -> bool:
@@ -148,7 +169,7 @@ def differences(have: Mapping, want: Mapping, keys=IDENTITY, ignore=()) -> list[
     b = {k: v for k, v in flatten(want).items() if under(k, keys)}
     out = []
     for key in sorted(set(a) | set(b)):
-        if key not in ignore and a.get(key, "<unset>") != b.get(key, "<unset>"):
+        if not under(key, (*ignore, *LABELS)) and a.get(key, "<unset>") != b.get(key, "<unset>"):
             out.append(f"{key}={b.get(key, '<unset>')} (the run has {a.get(key, '<unset>')})")
     return out
 

@@ -43,7 +43,7 @@ def build(cfg: DictConfig) -> Run:
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     objective = instantiate(cfg.objective)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, **saved_tokenizer(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the weights' init does not depend on the data
     net = make_net(cfg, objective, datamodule.vocab_size)
     module = make_module(cfg, net, objective)
@@ -53,6 +53,15 @@ def build(cfg: DictConfig) -> Run:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return Run(datamodule, module, trainer, output_dir)
+
+
+def saved_tokenizer(cfg: DictConfig) -> dict:
+    """``{"tokenizer_file": ...}`` when the run continues from a checkpoint whose run saved a tokenizer (resume=,
+    ckpt_path=): its token ids are that tokenizer's, so it is read back, never trained again."""
+    if "tokenizer" not in cfg.data or cfg.data.get("tokenizer_file") or not cfg.get("ckpt_path"):
+        return {}
+    saved = Path(cfg.ckpt_path).expanduser().resolve().parents[1] / "tokenizer.json"
+    return {"tokenizer_file": str(saved)} if saved.is_file() else {}
 
 
 def record_config_error(cfg: DictConfig, error: ConfigError) -> None:

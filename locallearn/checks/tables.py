@@ -65,7 +65,14 @@ RUN: dict[str, Spec] = {
     "data.seed": SEED, "data.val_seed": SEED, "data.corpus_seed": SEED,
     "data.n_train_tokens": POS_INT, "data.n_val_tokens": POS_INT,
     "data.val_fraction": Number(0, 1, lo_open=True, hi_open=True),
-    "data.path": Free("checked by the data set itself: a text file (data=text) or the EWT folder (data=ewt)"),
+    "data.path": Free("checked by the data set itself: a text file or folder (data=text) or the EWT folder (data=ewt)"),
+    "data.val_path": Free("checked by the data set itself: a text file or folder"),
+    "data.test_path": Free("checked by the data set itself: a text file or folder"),
+    "data.tokenizer_file": Free("checked where it is read: a tokenizer.json a run saved"),
+    "data.name": Free("a label: the corpus's name in directory names, summaries and hparams"),
+    "data.tokenizer": Choice(("char", "bpe", "word")),
+    "data.vocab_size": Number(2, integer=True, null=True, hint="null: bpe 1024, word 8192; bpe needs at least the "
+                              "corpus's distinct characters"),
     # tasks (data=mqar|induction|khop); how their sizes fit one window is checked by the task itself
     "data.task_seed": SEED, "data.n_train": POS_INT,
     "data.n_pairs": POS_INT, "data.n_queries": POS_INT, "data.n_keys": POS_INT, "data.n_values": POS_INT,

@@ -34,8 +34,12 @@ class TokenDataModule(L.LightningDataModule):
                 raise ConfigError(f"data.{key}={value} must be a positive integer.")
         self.batch_size, self.block_size = int(batch_size), int(block_size)
         self.seed, self.val_windows, self.val_seed = int(seed), int(val_windows), int(val_seed)
-        self.train_tokens = self.val_tokens = None
+        self.train_tokens = self.val_tokens = self.test_tokens = None
         self.vocab: list[str] = []
+
+    # Text corpora (locallearn/data/text.py) say what their tokens are made of; generated data has no characters.
+    val_chars_per_token: float | None = None  # characters per predicted validation token: bits per character
+    provenance: dict | None = None  # the corpus's name, files and tokenizer
 
     def check_length(self, where: str):
         """Raise unless both splits hold at least one window of ``block_size + 1`` tokens."""

@@ -1,11 +1,9 @@
-"""Character-level LM data from the raw sentences of UD English EWT (in-domain text for the UD probes)."""
+"""LM data from the raw sentences of UD English EWT (in-domain text for the UD probes), in the run's tokenizer."""
 
 from pathlib import Path
 
-import torch
-
-from locallearn.data.base import TokenDataModule
 from locallearn.data.conllu import read_conllu
+from locallearn.data.text import TextCorpus
 from locallearn.errors import ConfigError
 
 SEPARATOR = "\n"  # joins sentences in the training stream; probe extraction joins its sentences the same way
@@ -21,16 +19,17 @@ def join_sentences(texts: list[str]) -> str:
     return "".join(t + SEPARATOR for t in texts)
 
 
-class EWTDataModule(TokenDataModule):
-    """The ``# text =`` lines of EWT train (training) and dev (validation), joined by ``SEPARATOR``.
+class EWTDataModule(TextCorpus):
+    """The ``# text =`` lines of EWT train (training), dev (validation) and test (test), joined by ``SEPARATOR``.
 
-    The vocabulary is every character of the three splits, so probing a model trained here on any
-    EWT split never meets an unknown character.
+    The alphabet is every character of the three splits, so probing a model trained here on any EWT split
+    never meets an unknown character.
     """
 
     name = "ewt"
 
     def __init__(self, path, batch_size: int, block_size: int, **kwargs):
+        kwargs["name"] = kwargs.get("name") or "en_ewt"
         super().__init__(batch_size, block_size, **kwargs)
         self.path = Path(path).expanduser()
         missing = [str(ewt_file(self.path, s)) for s in SPLITS if not ewt_file(self.path, s).is_file()]
@@ -38,8 +37,6 @@ class EWTDataModule(TokenDataModule):
             raise ConfigError(f"data.path={self.path} lacks {', '.join(missing)}; point data.path at the "
                               f"ud-english-ewt folder holding en_ewt-ud-{{train,dev,test}}.conllu.")
         texts = {s: join_sentences([x.text for x in read_conllu(ewt_file(self.path, s))]) for s in SPLITS}
-        self.vocab = sorted(set("".join(texts.values())))
-        stoi = {ch: i for i, ch in enumerate(self.vocab)}
-        encode = lambda s: torch.tensor([stoi[ch] for ch in s], dtype=torch.long)  # noqa: E731
-        self.train_tokens, self.val_tokens = encode(texts["train"]), encode(texts["dev"])
-        self.check_length(f"data.path={self.path}")
+        self.sources = {"train": [ewt_file(self.path, "train")], "val": [ewt_file(self.path, "dev")],
+                        "test": [ewt_file(self.path, "test")]}
+        self.set_texts(texts["train"], texts["dev"], texts["test"], f"data.path={self.path}", alphabet=texts["test"])

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from locallearn.atomic import atomic_open
 from locallearn.config import instantiate, load_saved
+from locallearn.data.tokenizer import TextTokenizer
 from locallearn.errors import ConfigError
 from locallearn.model.chunked import ChunkedGPT, make_net
 
@@ -39,21 +40,26 @@ class TrainedRun:
     vocab: list[str]
     net: ChunkedGPT
     ckpt: Path | None  # None: the randomly initialized baseline
+    tokenizer: TextTokenizer | None = None  # text runs: the run's tokenizer.json (older runs: characters)
 
     @property
     def name(self) -> str:
         return self.dir.name + ("" if self.ckpt else " (random init)")
 
 
-def load_run(run_dir, random_init: bool = False, device: str = "cpu") -> TrainedRun:
-    """Rebuild a run's model from ``config.yaml`` and ``vocab.json`` and load its checkpoint (``last.ckpt``,
-    else ``best.ckpt``); ``random_init`` instead keeps the freshly initialized weights of the run's seed."""
+def load_run(run_dir, random_init: bool = False, device: str = "cpu", ckpt: str = "last") -> TrainedRun:
+    """Rebuild a run's model from ``config.yaml`` and ``vocab.json`` and load its checkpoint (``ckpt``: ``last.ckpt``
+    or ``best.ckpt``, else the other); ``random_init`` instead keeps the freshly initialized weights of the run's
+    seed."""
     run_dir = Path(run_dir)
     cfg_path, vocab_path = run_dir / "config.yaml", run_dir / "vocab.json"
     if not cfg_path.is_file() or not vocab_path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml and vocab.json); pass the directory "
                           f"of a finished run (or a multirun holding runs).")
-    ckpt = next((p for p in (run_dir / "checkpoints" / n for n in ("last.ckpt", "best.ckpt")) if p.is_file()), None)
+    if ckpt not in ("last", "best"):
+        raise ConfigError(f"ckpt={ckpt} is not a checkpoint name; use last or best.")
+    order = (f"{ckpt}.ckpt", "best.ckpt" if ckpt == "last" else "last.ckpt")
+    ckpt = next((p for p in (run_dir / "checkpoints" / n for n in order) if p.is_file()), None)
     if ckpt is None and not random_init:
         raise ConfigError(f"{run_dir} has no checkpoints/last.ckpt or best.ckpt, so there is no trained model to "
                           f"probe; finish or resume the run first.")
@@ -65,7 +71,17 @@ def load_run(run_dir, random_init: bool = False, device: str = "cpu") -> Trained
         state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
         net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
     net.eval().to(device)
-    return TrainedRun(run_dir, cfg, vocab, net, None if random_init else ckpt)
+    return TrainedRun(run_dir, cfg, vocab, net, None if random_init else ckpt, run_tokenizer(run_dir, cfg, vocab))
+
+
+def run_tokenizer(run_dir: Path, cfg: DictConfig, vocab: list[str]) -> TextTokenizer | None:
+    """A text run's tokenizer: its ``tokenizer.json``, or (runs from before tokenizers) characters by ``vocab.json``;
+    None for generated data (its tokens are not text)."""
+    if (run_dir / "tokenizer.json").is_file():
+        return TextTokenizer.load(run_dir / "tokenizer.json")
+    if "tokenizer" in cfg.data:
+        return TextTokenizer.from_vocab(vocab)
+    return None
 
 
 def layer_names(net: ChunkedGPT) -> list[str]:

@@ -17,6 +17,16 @@ def _mean() -> MeanMetric:
     return MeanMetric(nan_strategy=math.nan)
 
 
+def bpc_divisor(module) -> float | None:
+    """Characters per predicted validation token, where a val loss per token converts to bits per character: a
+    causal LM (whose loss is the text's code length) on a text corpus. None otherwise (masked LM losses score
+    masked tokens only, and generated data has no characters)."""
+    data = module.trainer.datamodule if module._trainer is not None else None
+    if module.objective.name != "clm" or data is None:
+        return None
+    return getattr(data, "val_chars_per_token", None)
+
+
 class ChunkMetrics(torch.nn.Module):
     """Per chunk: the loss over all targets (a batch weighted by its number of targets) and, on tasks
     (data=induction|mqar|khop), loss and accuracy on the answer tokens only. Every data-parallel rank computes
@@ -63,11 +73,14 @@ class ChunkMetrics(torch.nn.Module):
                               f"{data.val_windows} validation windows of data.block_size={data.block_size} tokens, "
                               f"so there is no validation loss; raise data.block_size or data.val_windows.")
         # A loss summing several cross-entropies (span: MLM + SBO) in bits is not a bits-per-token.
-        bits = "bpc" if module.objective.loss_terms == 1 else "bits_sum"
+        bits = "bits_per_token" if module.objective.loss_terms == 1 else "bits_sum"
+        chars = bpc_divisor(module)
         values = self.losses()
         for k, value in enumerate(values, start=1):
             module.log(f"val/loss/chunk{k}", value)
             module.log(f"val/{bits}/chunk{k}", value / math.log(2))
+            if chars:
+                module.log(f"val/bpc/chunk{k}", value / chars / math.log(2))
         module.log("val/loss", values[-1], prog_bar=True)  # the model's own output: what checkpoints monitor
         answers = None
         if getattr(trainer.datamodule, "chance", None):  # a task's data

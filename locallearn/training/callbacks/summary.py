@@ -1,6 +1,7 @@
 """``summary.json``: the numbers of a run a researcher reads first, written at the end of fit (and if fit fails)."""
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 
 from locallearn.atomic import write_json
 from locallearn.errors import TrainingDiverged
+from locallearn.training.chunk_metrics import bpc_divisor
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class RunSummary(L.Callback):
         steps = trainer.global_step
         tokens_per_step = datamodule.tokens_per_batch if datamodule is not None else None
         final = pl_module.final_val
+        chars = bpc_divisor(pl_module)
         counts = pl_module.net.parameter_counts()
         plan = pl_module.net.plan
         per_process = pl_module.process_activation_bytes
@@ -72,6 +75,10 @@ class RunSummary(L.Callback):
             "switch_step": pl_module.switch_step,
             "val_loss": {f"chunk{k + 1}": v for k, v in enumerate(final)} if final else None,
             "best_val_loss": pl_module.best_val if final else None,
+            # bits per character: a causal LM on text (the unit comparable across tokenizers)
+            "val_bpc": ({f"chunk{k + 1}": v / chars / math.log(2) for k, v in enumerate(final)}
+                        if final and chars else None),
+            "best_val_bpc": pl_module.best_val / chars / math.log(2) if final and chars else None,
             **answer_fields(pl_module.final_answers, datamodule),
             "steps": steps,
             "tokens_seen": steps * tokens_per_step if tokens_per_step else None,
@@ -88,6 +95,7 @@ class RunSummary(L.Callback):
             "cuda_peak_allocated_bytes": pl_module.cuda_peak_bytes,
             "unigram_entropy": datamodule.unigram_entropy() if datamodule is not None else None,
             "vocab_size": pl_module.net.gpt.config.vocab_size,
+            "corpus": getattr(datamodule, "provenance", None),  # text: name, files (size, SHA-1), tokenizer
             "device": str(pl_module.device),
         }
         for cb in trainer.callbacks:  # callbacks that add their own results (the diagnostics)
