@@ -52,7 +52,8 @@ def objective(summary: dict) -> float | None:
 
 
 # Overrides whose values are paths (run directories carry "=" and "," in their names): quoted for Hydra.
-PATH_KEYS = ("ckpt_path", "resume", "data.path", "paths.log_dir", "paths.data_dir", "hydra.run.dir", "hydra.sweep.dir")
+PATH_KEYS = ("ckpt_path", "resume", "data.path", "data.val_path", "data.test_path", "data.tokenizer_file",
+             "paths.log_dir", "paths.data_dir", "hydra.run.dir", "hydra.sweep.dir")
 
 if __name__ == "__main__":
     # The mode is the composed config's (an experiment or variant file may set it), as in every other process.

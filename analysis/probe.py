@@ -3,6 +3,7 @@
     python analysis/probe.py runs=logs/multiruns/<sweep dir>   # UPOS probes + CKA vs the same-seed chunks=1 run
     python analysis/probe.py runs=<run dir> task=deprel probe=mlp reference=<end-to-end run dir>
     python analysis/probe.py runs=<synthetic run dir> task=agreement cka=null
+    python analysis/probe.py runs=<sweep dir> treebank=<a UD treebank folder, or [dev.conllu,test.conllu]>
 
 Writes probes.csv, cka.csv, PNG figures, summary.md and a TensorBoard dir (tb/) into
 logs/probes/<date>_<overrides>/; hidden states are cached in logs/probes/cache/ (cache_dir). It
@@ -36,7 +37,7 @@ def main(cfg: DictConfig) -> None:
     log.info("wrote probes.csv, figures and summary.md to %s", out)
 
 
-PATH_KEYS = ("runs", "reference", "ewt_path", "cache_dir")
+PATH_KEYS = ("runs", "reference", "treebank", "cache_dir")
 
 if __name__ == "__main__":
     try:  # before Hydra composes: our one line for a bad option or key, and path values quoted

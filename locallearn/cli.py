@@ -209,7 +209,9 @@ def quote_values(argv: list[str], keys) -> list[str]:
     out = []
     for arg in argv:
         key, eq, value = arg.partition("=")
-        if eq and key.lstrip("+") in keys and value and value[0] not in "'\"" and re.search(r"[=,\s\[\]{}()]", value):
+        is_list = value.startswith("[") and value.endswith("]")  # a list of paths: Hydra's grammar reads it
+        if eq and key.lstrip("+") in keys and value and value[0] not in "'\"" and not is_list and \
+                re.search(r"[=,\s\[\]{}()]", value):
             arg = f"{key}={quote(value)}"
         out.append(arg)
     return out

@@ -6,6 +6,7 @@
   ("defaults" when there are none), so that run and sweep directories say what they hold.
 * ``${ll.corpus:<data.name>,<data.path>}``: a text corpus's name as a prefix of run directory names
   ("tinyshakespeare_"; empty for generated data), so that runs on two corpora never look alike.
+* ``${ll.treebank:<task>,<treebank>}``: the same for a probe directory and its treebank ("en_gum_").
 * ``${ll.sweep_tag:${hydra.job.override_dirname}}``: the same for a whole multirun, from the
   sweep's own overrides ("chunks=1,2,4"). Hydra re-resolves ``hydra.sweep.dir`` inside every job,
   where ``override_dirname`` is that job's ("chunks=1"). This resolver is cached, and OmegaConf keys
@@ -46,11 +47,24 @@ def _corpus(name, path) -> str:
     return _tag(str(name or corpus_name(path))) + "_"
 
 
+def _treebank(task, treebank) -> str:
+    """A probe directory's treebank prefix ("en_gum_") for a UD task; "" for the others."""
+    from locallearn.probing.tasks import UD_TASKS, treebank_files, treebank_name
+
+    if task not in UD_TASKS:
+        return ""
+    try:
+        return _tag(treebank_name(treebank_files(treebank))) + "_"
+    except ConfigError:  # the probe analysis itself says what is wrong with the path
+        return ""
+
+
 def register_resolvers():
     OmegaConf.register_new_resolver("ll.root", lambda: str(PROJECT_ROOT), replace=True)
     OmegaConf.register_new_resolver("ll.tag", _tag, replace=True)
     OmegaConf.register_new_resolver("ll.sweep_tag", _tag, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("ll.corpus", _corpus, replace=True)
+    OmegaConf.register_new_resolver("ll.treebank", _treebank, replace=True)
 
 
 def quote(value: str) -> str:

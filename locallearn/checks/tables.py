@@ -147,7 +147,7 @@ RUN: dict[str, Spec] = {
     "logger.tensorboard.default_hp_metric": Flag(),
     # paths
     "paths.root_dir": Free("the project folder, found by the package"),
-    "paths.data_dir": Free("checked where it is read, through data.path or ewt_path"),
+    "paths.data_dir": Free("checked where it is read, through data.path or treebank"),
     "paths.log_dir": Free("checked by the run-directory callback: it must be writable"),
     "paths.output_dir": Free("set by Hydra"),
 }
@@ -166,7 +166,8 @@ PROBING: dict[str, Spec] = {
     "cka": Choice(("unbiased", "linear", None), hint="null skips CKA"),
     "reference": Existing("dir", hint="pass an end-to-end run directory, or null for each run's same-seed one"),
     "cka_words": Number(4, integer=True), "cka_permutations": POS_INT,
-    "ewt_path": Free("checked for its three .conllu files when an EWT task reads it"),
+    "treebank": Free("checked for its dev and test .conllu files when a UD task reads it"),
+    "word_pieces": Choice(("last", "mean")),
     "max_train_words": Number(1, integer=True, null=True), "max_eval_words": Number(1, integer=True, null=True),
     "batch_size": POS_INT,
     "device": Free("a torch device such as cpu or cuda:0"),

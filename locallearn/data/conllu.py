@@ -25,6 +25,7 @@ class Sentence:
     upos: list[str] = field(default_factory=list)
     deprel: list[str] = field(default_factory=list)  # coarse: the part before ':' ("nmod:poss" -> "nmod")
     ends: list[int] = field(default_factory=list)  # index in ``text`` of each word's last character
+    starts: list[int] = field(default_factory=list)  # index in ``text`` of each word's first character
 
 
 def read_conllu(path) -> list[Sentence]:
@@ -66,7 +67,7 @@ def _sentence(lines: list[str], path: Path, first: int) -> Sentence:
         text = "".join(c[1] + ("" if "SpaceAfter=No" in c[9] else " ") for _, c in rows
                        if "." not in c[0] and not _in_range(c[0], rows)).rstrip()
     sent = Sentence(text)
-    pos, token = 0, None  # token: (last word id, end index) of the multiword token being read, if any
+    pos, token, token_start = 0, None, 0  # token: (last word id, end index) of the multiword token being read, if any
     for i, cols in rows:
         wid, form = cols[0], cols[1]
         if "." in wid:
@@ -78,7 +79,7 @@ def _sentence(lines: list[str], path: Path, first: int) -> Sentence:
                 raise bad(i, f"malformed multiword-token id {wid!r}")
             if at < 0:
                 raise bad(i, f"multiword token {form!r} not found in the sentence text after character {pos}")
-            pos, token = at, (int(hi), at + len(form))
+            pos, token, token_start = at, (int(hi), at + len(form)), at
             continue
         if not wid.isdigit():
             raise bad(i, f"malformed word id {wid!r}")
@@ -89,6 +90,7 @@ def _sentence(lines: list[str], path: Path, first: int) -> Sentence:
             # spelled there, else represented at the token's last character ("wo" of "won't" is).
             last, token_end = token
             at = _find(text[:token_end], form, pos)
+            begin = at if at >= 0 else token_start
             end = at + len(form) - 1 if at >= 0 else token_end - 1
             pos = end + 1 if at >= 0 else pos
             if int(wid) >= last:
@@ -97,11 +99,12 @@ def _sentence(lines: list[str], path: Path, first: int) -> Sentence:
             at = _find(text, form, pos)
             if at < 0:
                 raise bad(i, f"word {form!r} not found in the sentence text after character {pos}")
-            end, pos = at + len(form) - 1, at + len(form)
+            begin, end, pos = at, at + len(form) - 1, at + len(form)
         sent.forms.append(form)
         sent.upos.append(cols[3])
         sent.deprel.append(cols[7].split(":")[0])
         sent.ends.append(end)
+        sent.starts.append(min(begin, end))
     return sent
 
 

@@ -11,8 +11,8 @@ model reads each position from the window where it lies in the second half (at l
 context; the first window serves its own first half); a bidirectional model from the window where it
 lies in the middle half.
 
-Unknown characters: a character missing from the run's vocabulary is read as a space (or as token 0
-when the vocabulary has no space); how many were replaced is reported.
+Text is read in the run's own tokens (locallearn/data/tokenizer.py, which also says how characters outside a
+run's alphabet are read); report.py maps each word onto its pieces.
 """
 
 import hashlib
@@ -130,14 +130,6 @@ def states(net: ChunkedGPT, idx: torch.Tensor) -> dict[str, torch.Tensor]:
             hook.remove()
         out[f"head{k + 1}"] = grabbed["x"]
     return out
-
-
-def encode_text(text: str, vocab: list[str]) -> tuple[np.ndarray, int]:
-    """Characters -> ids of ``vocab`` under the unknown-character rule; also the number replaced."""
-    stoi = {ch: i for i, ch in enumerate(vocab)}
-    fallback = stoi.get(" ", 0)
-    ids = np.fromiter((stoi.get(ch, fallback) for ch in text), dtype=np.int64, count=len(text))
-    return ids, sum(1 for ch in text if ch not in stoi)
 
 
 def _windows(n: int, T: int, causal: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from locallearn.atomic import atomic_open, write_text
 from locallearn.checks import PROBING, check_config
 from locallearn.probing.cka import cka_matrix
-from locallearn.probing.features import cached_features, encode_text, layer_chunk, layer_depth, layer_names, load_run
+from locallearn.probing.features import cached_features, layer_chunk, layer_depth, layer_names, load_run
 from locallearn.probing.plots import plot_all
 from locallearn.probing.runs import (
     Model,
@@ -34,20 +34,21 @@ from locallearn.probing.runs import (
     seed_groups,
     unique_labels,
 )
-from locallearn.probing.tasks import EWT_TASKS, ProbeTask, ewt_task, synthetic_task, task_probe
+from locallearn.probing.tasks import UD_TASKS, ProbeTask, synthetic_task, task_probe, ud_task
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["run", "label", "overrides", "seed", "chunks", "variant", "layer", "depth", "chunk", "task", "lexical",
+COLUMNS = ["run", "label", "overrides", "seed", "chunks", "variant", "tokenizer", "treebank", "word_pieces", "layer",
+           "depth", "chunk", "task", "lexical",
            "probe", "split", "accuracy", "control_accuracy", "selectivity", "cka_same_depth", "cka_null", "reference",
            "strength", "converged", "words"]
 CKA_COLUMNS = ["run", "reference", "layer", "reference_layer", "cka", "cka_null"]
 
 
 def _task(cfg: DictConfig, runs) -> ProbeTask:
-    if cfg.task in EWT_TASKS:
+    if cfg.task in UD_TASKS:
         caps = {"train": cfg.max_train_words, "dev": cfg.max_eval_words, "test": cfg.max_eval_words}
-        return ewt_task(cfg.task, cfg.ewt_path, caps, seed=cfg.seed)
+        return ud_task(cfg.task, cfg.treebank, caps, seed=cfg.seed)
     words = {"train": cfg.max_train_words or 20000, "dev": cfg.max_eval_words or 5000,
              "test": cfg.max_eval_words or 5000}
     task = run_task(runs[0])
@@ -56,17 +57,37 @@ def _task(cfg: DictConfig, runs) -> ProbeTask:
     return synthetic_task(cfg.task, int(runs[0].cfg.data.corpus_seed), words)
 
 
+def word_pieces(tokenizer, data, rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """A text split in a run's tokens: (token stream, the positions to read, per word the number of positions it
+    averages or None, unknown characters or pieces). A word's pieces are the tokens that hold its first through its
+    last character; ``last`` reads the last one, ``mean`` averages them all."""
+    enc = tokenizer.encode(data.text)
+    token_of = lambda chars: np.searchsorted(enc.starts, chars, side="right") - 1  # noqa: E731
+    last = token_of(data.positions)
+    if rule == "last":
+        return enc.ids, last, None, enc.unknown
+    first = token_of(data.starts)
+    counts = last - first + 1
+    positions = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+    return enc.ids, positions, counts, enc.unknown
+
+
 def _features(model: Model, task: ProbeTask, cfg: DictConfig) -> tuple[dict, int]:
-    """{split: {layer: (N, C)}} for a model, and the number of unknown characters replaced."""
+    """{split: {layer: (N, C)}} for a model, and the number of unknown characters (pieces, for word) it met."""
     feats, unknown = {}, 0
     for split, data in task.splits.items():
+        counts = None
         if data.text is not None:
-            stream, n_unknown = encode_text(data.text, model.run.vocab)
+            stream, positions, counts, n_unknown = word_pieces(model.run.tokenizer, data, cfg.word_pieces)
             unknown += n_unknown
         else:
-            stream = data.tokens
-        feats[split] = cached_features(model.run, f"{task.source}_{split}", stream, data.positions, cfg.cache_dir,
-                                       batch_size=cfg.batch_size, device=cfg.device, example_len=data.example_len)
+            stream, positions = data.tokens, data.positions
+        got = cached_features(model.run, f"{task.source}_{split}", stream, positions, cfg.cache_dir,
+                              batch_size=cfg.batch_size, device=cfg.device, example_len=data.example_len)
+        if counts is not None:  # the mean over each word's pieces
+            bounds = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            got = {k: np.add.reduceat(v, bounds, axis=0) / counts[:, None].astype(np.float32) for k, v in got.items()}
+        feats[split] = got
     return feats, unknown
 
 
@@ -102,8 +123,9 @@ def probe_runs(cfg: DictConfig, out_dir) -> list[dict]:
     models = _models(cfg, out_dir)
     probe = instantiate(cfg.probe)
     task = _task(cfg, [m.run for m in models])
-    log.info("task %s: %s words in probe-train / dev / test", task.name,
-             " / ".join(f"{len(s.labels):,}" for s in task.splits.values()))
+    log.info("task %s%s: %s words in probe-train / dev / test%s", task.name,
+             f" on {task.treebank}" if task.treebank else "",
+             " / ".join(f"{len(s.labels):,}" for s in task.splits.values()), f" ({task.note})" if task.note else "")
     labels = {s: d.labels for s, d in task.splits.items()}
     control = task.control_labels(cfg.seed) if cfg.control else None
 
@@ -130,7 +152,9 @@ def probe_runs(cfg: DictConfig, out_dir) -> list[dict]:
                 values, nulls = cka_of[model.label]
                 same, null = values.get((layer, _ref_layer(depth))), nulls.get((layer, _ref_layer(depth)))
             base = dict(run=model.run.name, label=model.label, overrides=model.overrides, seed=model.seed,
-                        chunks=model.chunks, variant=model.variant, layer=layer, depth=depth,
+                        chunks=model.chunks, variant=model.variant, tokenizer=_tokenizer(model),
+                        treebank=task.treebank, word_pieces=cfg.word_pieces if task.treebank else None,
+                        layer=layer, depth=depth,
                         chunk=layer_chunk(model.run.net, layer), task=task.name, lexical=task.lexical,
                         probe=type(probe).__name__, reference=model.reference and model.reference.label,
                         strength=result.strength, converged=result.converged)
@@ -148,7 +172,7 @@ def probe_runs(cfg: DictConfig, out_dir) -> list[dict]:
                 for label, (values, nulls) in cka_of.items() for (a, b), v in values.items()]
     if cka_rows:
         _write_csv(out_dir / "cka.csv", cka_rows, CKA_COLUMNS)
-    figures = plot_all(rows, models, cka_of, task.name, out_dir)
+    figures = plot_all(rows, models, cka_of, task.name + (f" on {task.treebank}" if task.treebank else ""), out_dir)
     summary = _summary(cfg, task, models, rows, unknown_of, figures)
     write_text(out_dir / "summary.md", summary)
     _tensorboard(out_dir / "tb", figures, summary)
@@ -180,8 +204,10 @@ def _summary(cfg, task: ProbeTask, models: list[Model], rows, unknown_of, figure
     majority = np.bincount(test, minlength=len(task.classes)).max() / len(test)
     ambiguous, types = task.ambiguous_types()
     probe = instantiate(cfg.probe)
-    lines = [f"# Probes: {task.name} ({len(task.classes)} classes)" + (" - lexical control" if task.lexical else ""),
-             "", f"Runs: `{cfg.runs}`. Probe: `{type(probe).__name__}` "
+    on = f" on {task.treebank}" if task.treebank else ""
+    lexical = " - lexical control" if task.lexical else ""
+    lines = [f"# Probes: {task.name}{on} ({len(task.classes)} classes){lexical}",
+             "", *_text_lines(cfg, task, models), f"Runs: `{cfg.runs}`. Probe: `{type(probe).__name__}` "
              f"({', '.join(f'{k}={v}' for k, v in asdict(probe).items())}), selected on probe-dev, reported on "
              f"probe-test ({len(test):,} words; majority class {majority:.3f}). Selectivity = accuracy - control-task "
              f"accuracy (Hewitt & Liang 2019).", ""]
@@ -206,13 +232,32 @@ def _summary(cfg, task: ProbeTask, models: list[Model], rows, unknown_of, figure
                          f"{_fmt(r['control_accuracy'])} | {_fmt(r['selectivity'])} | "
                          f"{_cka_text(r['cka_same_depth'], r['cka_null'])} |")
         if unknown_of.get(model.label):
-            lines.append(f"\n{unknown_of[model.label]:,} characters outside this run's vocabulary were read as spaces.")
+            kind = model.run.tokenizer.kind
+            lines.append(f"\n{unknown_of[model.label]:,} " + ("pieces outside this run's vocabulary were read as <unk>."
+                         if kind == "word" else f"characters outside this run's alphabet were read as "
+                         f"{model.run.tokenizer.fallback!r} (locallearn/data/tokenizer.py)."))
         lines.append("")
     lines += _seed_tables(models, rows)
     if any(not r["converged"] for r in rows):
         lines.append("\\* the probe hit its iteration limit (raise `probe.max_iter`).\n")
     lines += ["Figures: " + ", ".join(f"`{p.name}`" for p in figures.values()), ""]
     return "\n".join(lines)
+
+
+def _tokenizer(model: Model) -> str | None:
+    return model.run.tokenizer.name if model.run.tokenizer is not None else None
+
+
+def _text_lines(cfg, task: ProbeTask, models: list[Model]) -> list[str]:
+    """What a treebank task read: the files, how its splits were made, the tokenizers and the word rule."""
+    if task.treebank is None:
+        return []
+    tokenizers = sorted({_tokenizer(m) for m in models})
+    rule = {"last": "its last piece (for characters, its last character)", "mean": "the mean over its pieces"}
+    lines = [f"Treebank: {task.treebank} (`{cfg.treebank}`)" + (f"; {task.note}" if task.note else "") + ". "
+             f"Tokenizers: {', '.join(tokenizers)}; a word's feature is {rule[cfg.word_pieces]} in each run's "
+             f"tokens (`word_pieces={cfg.word_pieces}`).", ""]
+    return lines
 
 
 def _pm(values: list) -> str:

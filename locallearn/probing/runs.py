@@ -20,7 +20,7 @@ from locallearn.analysis.sweeps import job_order
 from locallearn.config import flatten, under
 from locallearn.errors import ConfigError
 from locallearn.probing.features import TrainedRun
-from locallearn.probing.tasks import EWT_TASKS, SYNTHETIC_TASKS
+from locallearn.probing.tasks import SYNTHETIC_TASKS, UD_TASKS
 
 # Settings that do not change what a run learns (where it writes, how it logs, how long between evaluations).
 # trainer: only these of its keys change the training itself.
@@ -195,16 +195,16 @@ def check_task(task: str, runs: list[TrainedRun]) -> None:
                 raise ConfigError(f"{run.dir} was trained on another task than {runs[0].dir} (data.{diff[0]} "
                                   f"differs); probe runs of one task at a time.")
         return
-    if task not in EWT_TASKS + SYNTHETIC_TASKS:
-        raise ConfigError(f"task={task} is unknown; use one of {', '.join(EWT_TASKS + SYNTHETIC_TASKS)} (or a "
+    if task not in UD_TASKS + SYNTHETIC_TASKS:
+        raise ConfigError(f"task={task} is unknown; use one of {', '.join(UD_TASKS + SYNTHETIC_TASKS)} (or a "
                           f"task's probe label for runs trained on data=induction|mqar|khop).")
     for run in runs:
         synthetic = _data_name(run) == "SyntheticDataModule"
         if task in SYNTHETIC_TASKS and not synthetic:
             raise ConfigError(f"task={task} needs runs trained on data=synthetic, but {run.dir} was trained on "
-                              f"{_data_name(run)}; use task=upos or task=deprel for character-level runs.")
-        if task in EWT_TASKS and synthetic:
-            raise ConfigError(f"task={task} reads UD EWT characters, but {run.dir} was trained on the synthetic "
+                              f"{_data_name(run)}; use task=upos or task=deprel for runs trained on text.")
+        if task in UD_TASKS and run.tokenizer is None:
+            raise ConfigError(f"task={task} reads a treebank's text, but {run.dir} was trained on the synthetic "
                               f"language's words; use task={', task='.join(SYNTHETIC_TASKS[:-1])} (or the "
                               f"lexical control task=category) for it.")
     seeds = {int(r.cfg.data.corpus_seed) for r in runs if _data_name(r) == "SyntheticDataModule"}

@@ -1,7 +1,9 @@
 """Probe tasks: labelled words in a token stream, split into probe-train / probe-dev / probe-test.
 
-* UD EWT (``upos``, ``deprel``): sentences of the CoNLL-U files joined exactly as ``data=ewt`` joins
-  them for training; a word is read at its last character.
+* UD treebanks (``upos``, ``deprel``; any treebank by path, EWT by default): sentences of the CoNLL-U files
+  joined exactly as ``data=ewt`` joins them for training; each word keeps its character span, which the probe
+  analysis maps onto the pieces of each run's tokenizer (locallearn/probing/report.py: the word's last piece, or
+  the mean of its pieces).
 * synthetic, every token a word (see :class:`locallearn.data.synthetic.Corpus` for the definitions):
   ``agreement`` (the number, sg / pl, that the verb of the token's clause agrees with), ``role``
   (nouns only: subject, object or prepositional object) and ``depth`` (nesting depth) depend on the
@@ -19,17 +21,20 @@ label distribution: a probe that scores well on it memorizes word identity inste
 """
 
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from omegaconf import ListConfig
 
 from locallearn.data.conllu import UPOS, read_conllu
-from locallearn.data.ewt import ewt_file, join_sentences
+from locallearn.data.ewt import join_sentences
 from locallearn.data.synthetic import CATEGORIES, NUMBERS, ROLES, Grammar
 from locallearn.errors import ConfigError
 
-EWT_TASKS = ("upos", "deprel")
+UD_TASKS = ("upos", "deprel")
 SYNTHETIC_TASKS = ("agreement", "role", "depth", "category")
 LEXICAL_TASKS = ("category",)  # labels that are a function of the token id: controls, not structure
 SPLITS = ("train", "dev", "test")
@@ -39,20 +44,23 @@ SPLITS = ("train", "dev", "test")
 class Split:
     """One split: the text or token stream, the positions of its words, their labels and word types."""
 
-    text: str | None  # character stream (EWT), or None for token streams
+    text: str | None  # character stream (a treebank's sentences), or None for token streams
     tokens: np.ndarray | None  # token ids (synthetic), or None for text
     positions: np.ndarray  # (N,) index in the stream of each word's last character / token
     labels: np.ndarray  # (N,) int label ids
     types: list[str]  # (N,) word type of each word, for the control task
     example_len: int | None = None  # tasks: the stream is examples of this many tokens, each its own window
+    starts: np.ndarray | None = None  # text: (N,) index of each word's first character
 
 
 @dataclass
 class ProbeTask:
     name: str
-    source: str  # "ewt", "synthetic" or the task's name (e.g. "induction"): which streams the task reads
+    source: str  # "ud", "synthetic" or the task's name (e.g. "induction"): which streams the task reads
     classes: list[str]
     splits: dict[str, Split]
+    treebank: str | None = None  # ud: the treebank's name ("en_ewt")
+    note: str = ""  # how the splits were made, where they are not the files' own
 
     @property
     def lexical(self) -> bool:
@@ -77,15 +85,61 @@ class ProbeTask:
         return {name: np.array([table[t] for t in s.types], dtype=np.int64) for name, s in self.splits.items()}
 
 
-def ewt_task(name: str, root, max_words: dict[str, int | None], seed: int = 0) -> ProbeTask:
-    """``upos`` (17 tags) or ``deprel`` (coarse relations) on EWT train / dev / test.
+def treebank_files(path) -> dict[str, Path]:
+    """{split: file} of a treebank: a folder of UD's ``*-ud-{train,dev,test}.conllu`` (any ``.conllu`` whose name
+    holds the split), or a list of such files. dev and test are needed; train is optional."""
+    paths = [Path(p).expanduser() for p in (path if isinstance(path, (list, tuple, ListConfig)) else [path])]
+    if len(paths) == 1 and paths[0].is_dir():
+        candidates = sorted(paths[0].glob("*.conllu"))
+    else:
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise ConfigError(f"treebank={missing[0]} does not exist; pass a folder of .conllu files or the "
+                              f"files themselves, e.g. treebank=[a-ud-dev.conllu,a-ud-test.conllu].")
+        candidates = paths
+    files = {}
+    for split in SPLITS:
+        found = [p for p in candidates if re.search(rf"(^|[-_.]){split}([-_.]|$)", p.stem)]
+        if len(found) > 1:
+            raise ConfigError(f"treebank={path} holds several {split} files ({', '.join(p.name for p in found)}); "
+                              f"pass the three files as treebank=[train,dev,test].")
+        if found:
+            files[split] = found[0]
+    lacking = [s for s in ("dev", "test") if s not in files]
+    if lacking:
+        raise ConfigError(f"treebank={path} has no {' or '.join(lacking)} file (a .conllu whose name holds "
+                          f"'{lacking[0]}'); pass a UD treebank folder or its files.")
+    return files
 
-    ``max_words[split]`` caps a split by taking a seeded random subset of its sentences (whole
-    sentences, so every word keeps its context); None keeps them all.
+
+def treebank_name(files: dict[str, Path]) -> str:
+    """A treebank's name: UD's file prefix ("en_ewt" of en_ewt-ud-test.conllu), else its folder's name."""
+    stem = files["test"].stem
+    return stem.split("-ud-")[0] if "-ud-" in stem else files["test"].resolve().parent.name
+
+
+def ud_task(name: str, treebank, max_words: dict[str, int | None], seed: int = 0) -> ProbeTask:
+    """``upos`` (17 tags) or ``deprel`` (coarse relations) on a UD treebank's train / dev / test.
+
+    Without a train file, probe-train and probe-dev are taken from dev: its sentences, shuffled with ``seed``,
+    split 80 / 20 (said in :attr:`ProbeTask.note`). ``max_words[split]`` caps a split by taking a seeded random
+    subset of its sentences (whole sentences, so every word keeps its context); None keeps them all.
     """
-    if name not in EWT_TASKS:
-        raise ConfigError(f"task={name} is not a UD EWT task; use one of {', '.join(EWT_TASKS)}.")
-    sentences = {s: read_conllu(_checked(ewt_file(root, s), root)) for s in SPLITS}
+    if name not in UD_TASKS:
+        raise ConfigError(f"task={name} is not a UD task; use one of {', '.join(UD_TASKS)}.")
+    files = treebank_files(treebank)
+    sentences = {s: read_conllu(f) for s, f in files.items()}
+    note = ""
+    if "train" not in sentences:
+        dev = sentences["dev"]
+        order = list(range(len(dev)))
+        random.Random(seed).shuffle(order)
+        cut = int(0.8 * len(order))
+        sentences["train"] = [dev[i] for i in sorted(order[:cut])]
+        sentences["dev"] = [dev[i] for i in sorted(order[cut:])]
+        note = (f"no train file: probe-train is a seeded 80% of {files['dev'].name}'s sentences, probe-dev the "
+                f"other 20%")
+    sentences = {s: sentences[s] for s in SPLITS}
     if name == "upos":
         classes = list(UPOS)
     else:
@@ -96,18 +150,19 @@ def ewt_task(name: str, root, max_words: dict[str, int | None], seed: int = 0) -
     for split, sents in sentences.items():
         sents = _subsample(sents, max_words.get(split), rng)
         text = join_sentences([s.text for s in sents])
-        positions, labels, types, offset = [], [], [], 0
+        spans, labels, types, offset = [], [], [], 0
         for s in sents:
             tags = s.upos if name == "upos" else s.deprel
-            for form, tag, end in zip(s.forms, tags, s.ends):
+            for form, tag, start, end in zip(s.forms, tags, s.starts, s.ends):
                 if tag not in index:  # a dev/test relation never seen in train: no class to predict
                     continue
-                positions.append(offset + end)
+                spans.append((offset + start, offset + end))
                 labels.append(index[tag])
                 types.append(form)
             offset += len(s.text) + 1  # the separator
-        splits[split] = Split(text, None, np.array(positions), np.array(labels), types)
-    return ProbeTask(name, "ewt", classes, splits)
+        spans = np.array(spans, dtype=np.int64).reshape(-1, 2)
+        splits[split] = Split(text, None, spans[:, 1].copy(), np.array(labels), types, starts=spans[:, 0].copy())
+    return ProbeTask(name, "ud", classes, splits, treebank=treebank_name(files), note=note)
 
 
 def synthetic_task(name: str, corpus_seed: int, words: dict[str, int]) -> ProbeTask:
@@ -165,12 +220,6 @@ def task_probe(name: str, task, task_seed: int, words: dict[str, int]) -> ProbeT
 
 def label_distribution(task: ProbeTask, split: str = "train") -> Counter:
     return Counter(task.classes[i] for i in task.splits[split].labels)
-
-
-def _checked(path, root):
-    if not path.is_file():
-        raise ConfigError(f"ewt_path={root} lacks {path.name}; point ewt_path at the ud-english-ewt folder.")
-    return path
 
 
 def _subsample(sents, cap, rng):
