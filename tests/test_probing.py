@@ -17,13 +17,14 @@ from hydra.utils import instantiate
 from locallearn.config import PROJECT_ROOT
 from locallearn.data.conllu import read_conllu
 from locallearn.data.synthetic import Grammar
+from locallearn.data.tokenizer import TextTokenizer
 from locallearn.errors import ConfigError
 from locallearn.model.chunked import ChunkedGPT
 from locallearn.model.gpt import GPT, GPTConfig
 from locallearn.model.heads import BlockHead, LinearHead
 from locallearn.model.plan import ChunkPlan
 from locallearn.probing.cka import cka_matrix, linear_cka, null_permutations, unbiased_cka
-from locallearn.probing.features import _windows, encode_text, extract, states
+from locallearn.probing.features import _windows, extract, states
 from locallearn.probing.probes import LinearProbe, MLPProbe, ScikitLearnLinearProbe, run_probe
 from locallearn.probing.report import probe_runs
 from locallearn.probing.runs import variant_of
@@ -223,10 +224,10 @@ def test_cka_matrix_gives_every_value_and_its_shuffled_pairing_null():
 
 
 def test_unknown_characters_are_read_as_spaces():
-    ids, unknown = encode_text("ab\u00e9 c", ["a", "b", " ", "c"])
-    assert ids.tolist() == [0, 1, 2, 2, 3] and unknown == 1
-    ids, unknown = encode_text("x", ["a", "b"])  # no space in the vocabulary: token 0
-    assert ids.tolist() == [0] and unknown == 1
+    enc = TextTokenizer.from_vocab(["a", "b", " ", "c"]).encode("ab\u00e9 c")
+    assert enc.ids.tolist() == [0, 1, 2, 2, 3] and enc.unknown == 1
+    enc = TextTokenizer.from_vocab(["a", "b"]).encode("x")  # no space in the vocabulary: token 0
+    assert enc.ids.tolist() == [0] and enc.unknown == 1
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -471,7 +472,7 @@ def test_a_reference_that_does_not_fit_the_runs_data_or_the_task_is_refused_befo
 
 
 def test_task_must_match_the_runs_data(tiny_multirun, tmp_path):
-    with pytest.raises(ConfigError, match=r"task=upos reads UD EWT characters.*task=agreement.*task=category"):
+    with pytest.raises(ConfigError, match=r"task=upos reads a treebank's text.*task=agreement.*task=category"):
         probe_runs(probing_cfg(f"runs={tiny_multirun}", "task=upos", cache_dir=tmp_path), tmp_path / "out")
 
 
@@ -507,11 +508,11 @@ def test_a_run_lacking_characters_of_the_probe_data_follows_the_unknown_characte
     train(compose_config(run, "data=text", f"data.path={corpus}", "data.batch_size=4"))
     out = tmp_path / "out"
     rows = probe_runs(probing_cfg(f"runs='{run}'", "task=upos", "max_train_words=400", "max_eval_words=300",
-                                  "cka=null", "baselines=false", f"ewt_path={SHARED_DATA / 'ud-english-ewt'}",
+                                  "cka=null", "baselines=false", f"treebank={SHARED_DATA / 'ud-english-ewt'}",
                                   cache_dir=tmp_path / "cache"), out)
     assert {r["task"] for r in rows} == {"upos"} and len(rows) == 2 * 7  # embed, 4 blocks, 2 heads; test + dev
     summary = (out / "summary.md").read_text()
-    assert "characters outside this run's vocabulary were read as spaces" in summary
+    assert "characters outside this run's alphabet were read as ' '" in summary
 
 
 @pytest.mark.parametrize("overrides, expected", [

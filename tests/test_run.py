@@ -47,7 +47,8 @@ def test_run_writes_summary_events_checkpoints_and_vocab(make_cfg):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for k in (1, 2):
-        assert {f"train/loss/chunk{k}", f"val/loss/chunk{k}", f"val/bpc/chunk{k}", f"train/lr/chunk{k}"} <= tags
+        assert {f"train/loss/chunk{k}", f"val/loss/chunk{k}", f"val/bits_per_token/chunk{k}",
+                f"train/lr/chunk{k}"} <= tags
     assert "train/tokens_per_s" in tags
     # every chunk's curve of one metric on one chart
     layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])

@@ -103,9 +103,10 @@ def test_validation_runs_at_the_last_step(make_cfg):
     run, _, _ = fit(make_cfg("chunks=2", "trainer.max_steps=7"))
     assert run.trainer.global_step == 7
     logged = run.trainer.logged_metrics
-    assert {"val/loss/chunk1", "val/loss/chunk2", "val/bpc/chunk2", "val/loss"} <= set(logged)
+    assert {"val/loss/chunk1", "val/loss/chunk2", "val/bits_per_token/chunk2", "val/loss"} <= set(logged)
+    assert not any("bpc" in t for t in logged)  # generated tokens are no characters: no bits per character
     assert run.module.final_val is not None
-    torch.testing.assert_close(logged["val/bpc/chunk2"], logged["val/loss/chunk2"] / math.log(2))
+    torch.testing.assert_close(logged["val/bits_per_token/chunk2"], logged["val/loss/chunk2"] / math.log(2))
 
 
 def test_training_learns_the_synthetic_language(make_cfg):

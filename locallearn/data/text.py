@@ -118,8 +118,9 @@ class TextCorpus(TokenDataModule):
                 "unknown": self.unknown}
 
     def save_vocab(self, run_dir):
-        super().save_vocab(run_dir)
-        return self.tokenizer.save(Path(run_dir) / "tokenizer.json")
+        """``vocab.json`` and the tokenizer that made the ids, ``tokenizer.json``."""
+        self.tokenizer.save(Path(run_dir) / "tokenizer.json")
+        return super().save_vocab(run_dir)
 
     def describe(self) -> str:
         per = len(self.train_tokens) and float(self.train_chars.sum()) / len(self.train_tokens)

@@ -113,6 +113,9 @@ def _models(cfg: DictConfig, out_dir: Path) -> list[Model]:
         models += [make_model(load_run(b.dir, random_init=True, device=cfg.device)) for b in bases]
     if cfg.cka:
         pair_references(models, ref, cfg.runs)
+    if len({_tokenizer(m) for m in models}) > 1:  # runs of several tokenizers: say which is which
+        for m in models:
+            m.label += f" {_tokenizer(m)}"
     unique_labels(models)
     return models
 
