@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SHARED_DATA, TINY
+from test_text import write_treebank
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -112,6 +113,11 @@ class Workspace:
             "<K=4 run>": lambda: self.job(sweep("depth_benefit-induction"), 4),
             "<its end-to-end run>": lambda: self.job(sweep("depth_benefit-induction"), 1),
             "/path/to/corpus.txt": lambda: self.corpus,
+            "/path/to/train.txt": lambda: self.corpus, "/path/to/valid.txt": lambda: self.corpus,
+            "/path/to/test.txt": lambda: self.corpus, "/path/to/other.txt": lambda: self.corpus,
+            "<text run dir>": lambda: self.job(sweep("data=ewt"), 4), "<sweep on text>": lambda: sweep("data=ewt"),
+            "runs=<sweep>": lambda: "runs=" + str(sweep("data=ewt")),
+            "/path/to/UD_English-GUM": lambda: write_treebank(self.root / "UD_Toy"),
             "<partition>": lambda: "debug", " <overrides>": lambda: "", "chunks=K": lambda: "chunks=2",
         }
         for placeholder, value in subs.items():
