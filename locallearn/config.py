@@ -128,9 +128,11 @@ def upgrade_config(saved: dict) -> dict:
     saved.setdefault("method", {"_target_": "locallearn.training.methods.Local"})  # and before methods, local
     data = saved.get("data")
     if isinstance(data, Mapping) and str(data.get("_target_", "")).endswith(("TextDataModule", "EWTDataModule")):
-        data = {"tokenizer": "char", "vocab_size": None, "tokenizer_file": None, **data}  # text was read by character
-        if data["_target_"].endswith("TextDataModule"):
-            data = {"val_path": None, "test_path": None, **data}
+        # text was read by character, from one file (or EWT's files)
+        data = dict(data)
+        for key in ("tokenizer", "vocab_size", "tokenizer_file", "test_path", "val_path"):
+            if key != "val_path" or data["_target_"].endswith("TextDataModule"):
+                data.setdefault(key, "char" if key == "tokenizer" else None)
         saved["data"] = data
     return upgrade_targets(saved)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from conftest import SHARED_DATA, TINY
-from test_text import write_treebank
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from test_text import write_treebank
 
 from locallearn.config import CONF_DIR, PROJECT_ROOT
 

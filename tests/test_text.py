@@ -239,6 +239,12 @@ def test_evaluate_cli_writes_a_table_beside_the_run(bpe_run, corpus, tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {out} has no test split: pass one with data.test_path=FILE (a text file or folder), or evaluate "
         f"split=val."]
+    proc = subprocess.run([sys.executable, "analysis/evaluate.py", str(out), "data.test_file=x.txt"], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(
+        f"error: data.test_file is not a setting of {out.name}'s data (it has _target_, batch_size,") and \
+        "test_path" in lines[0], lines
 
 
 # -- probes on any treebank, word-aligned -----------------------------------------------------------------

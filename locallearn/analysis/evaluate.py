@@ -69,6 +69,9 @@ def _split_data(run: TrainedRun, split: str, overrides: list[str]):
         if not sep or not key.startswith("data."):
             raise ConfigError(f"{item} is not a data override; pass key=value with a data.* key, e.g. "
                               f"data.test_path=FILE.")
+        if key[len("data."):] not in data:
+            raise ConfigError(f"{key} is not a setting of {run.dir.name}'s data (it has {', '.join(sorted(data))}); "
+                              f"override one of those.")
         OmegaConf.update(data, key[len("data."):], yaml.safe_load(value) if value else None, merge=False)
     if "tokenizer" not in data:
         raise ConfigError(f"{run.dir} was trained on generated data ({data.get('_target_')}), which has no test "

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from locallearn.data.conllu import read_conllu
-from locallearn.data.text import TextCorpus
+from locallearn.data.text import TextCorpus, read_text
 from locallearn.errors import ConfigError
 
 SEPARATOR = "\n"  # joins sentences in the training stream; probe extraction joins its sentences the same way
@@ -28,7 +28,7 @@ class EWTDataModule(TextCorpus):
 
     name = "ewt"
 
-    def __init__(self, path, batch_size: int, block_size: int, **kwargs):
+    def __init__(self, path, batch_size: int, block_size: int, test_path=None, **kwargs):
         kwargs["name"] = kwargs.get("name") or "en_ewt"
         super().__init__(batch_size, block_size, **kwargs)
         self.path = Path(path).expanduser()
@@ -39,4 +39,7 @@ class EWTDataModule(TextCorpus):
         texts = {s: join_sentences([x.text for x in read_conllu(ewt_file(self.path, s))]) for s in SPLITS}
         self.sources = {"train": [ewt_file(self.path, "train")], "val": [ewt_file(self.path, "dev")],
                         "test": [ewt_file(self.path, "test")]}
-        self.set_texts(texts["train"], texts["dev"], texts["test"], f"data.path={self.path}", alphabet=texts["test"])
+        test = texts["test"]
+        if test_path is not None:  # another test text than the treebank's own
+            test, self.sources["test"] = read_text(test_path, "data.test_path")
+        self.set_texts(texts["train"], texts["dev"], test, f"data.path={self.path}", alphabet=texts["test"])

@@ -33,7 +33,8 @@ SEED_KEYS = ("seed", "data.seed")  # data.seed is ${seed}: the batch order
 LOCAL_KEYS = ("chunks", "boundaries", "overlap", "interlock", "head", "loss_weights", "switch", "mode", "pipeline",
               "optim.chunk_lr")
 # Data settings that do not change the data (its path is compared by name: the same corpus may move).
-DATA_LOADING = ("data.seed", "data.batch_size", "data.block_size", "data.val_windows", "data.path")
+DATA_LOADING = ("data.seed", "data.batch_size", "data.block_size", "data.val_windows", "data.path", "data.val_path",
+                "data.test_path", "data.tokenizer_file", "data.name")
 
 
 @dataclass(eq=False)
@@ -140,8 +141,9 @@ def data_identity(run: TrainedRun) -> dict[str, str]:
     name and the vocabulary."""
     data = {k: v for k, v in _flat(OmegaConf.to_container(run.cfg.data, resolve=True), "data.").items()
             if not under(k, DATA_LOADING)}
-    if run.cfg.data.get("path"):
-        data["data.path (name)"] = Path(str(run.cfg.data.path)).name
+    for key in ("path", "val_path"):
+        if run.cfg.data.get(key):
+            data[f"data.{key} (name)"] = Path(str(run.cfg.data[key])).name
     data["vocabulary"] = hashlib.sha1("\0".join(run.vocab).encode()).hexdigest()
     return data
 
