@@ -10,7 +10,7 @@ import pytest
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from locallearn.analysis.compare import table_rows, write_report
+from locallearn.analysis.compare import markdown, table_rows, write_report
 from locallearn.analysis.sweeps import collect, groups
 from locallearn.config import PROJECT_ROOT
 from tests.conftest import tiny_args
@@ -241,3 +241,15 @@ def test_an_override_that_restates_the_recipes_value_still_finds_the_reference(t
         if "chunked" in run.name:
             (run / "config.yaml").write_text(yaml.safe_dump({"trainer": {"max_steps": 2000}}))
     assert rows(groups(collect([root]))) == []
+
+
+def test_text_sweeps_of_two_tokenizers_compare_by_bits_per_character(tmp_path):
+    root = tmp_path / "multirun"
+    for job, (tok, bpc) in enumerate([("char", 2.40), ("bpe", 2.30)]):
+        d = fake_run(root, job, ["chunks=1", f"data.tokenizer={tok}"], [1.66 if tok == "char" else 3.9])
+        summary = json.loads((d / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps(summary | {"val_bpc": {"chunk1": bpc}}))
+    rows = {r["group"]: r for r in table_rows(groups(collect([root])))}
+    assert rows["chunks=1 data.tokenizer=bpe"]["last_bpc_mean"] == pytest.approx(2.30)
+    md = markdown(groups(collect([root])), collect([root]))
+    assert "| last chunk, bits per char |" in md and "| 2.3000 |" in md and "| 2.4000 |" in md

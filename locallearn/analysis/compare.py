@@ -27,12 +27,14 @@ def table_rows(all_groups: list[Group]) -> list[dict]:
         mem = g.stat(lambda s: s.get("cuda_peak_allocated_bytes") or s.get("activation_bytes_peak"))
         wall = g.stat(lambda s: s.get("wall_time_s"))
         tps = g.stat(lambda s: s.get("tokens_per_s"))
+        bpc = g.stat(lambda s: list(s["val_bpc"].values())[-1] if s.get("val_bpc") else None)
         rows.append({
             "group": label(g.key), "chunks": g.chunks, "seeds": len(g.done), "runs": len(g.runs),
             "val_loss_per_chunk": [list(c) if c else None for c in g.chunk_losses()],
             "answer_acc_per_chunk": [list(c) if c else None for c in g.chunk_answer_acc()] or None,
             "steps_to_95pct_answer_acc": g.steps_to(0.95),
             "last_mean": last[0] if last else None, "last_std": last[1] if last else None,
+            "last_bpc_mean": bpc[0] if bpc else None, "last_bpc_std": bpc[1] if bpc else None,
             "e2e_group": label(e2e.key) if e2e else None,
             "gap": gap, "gap_pct": 100 * gap / ref[0] if gap is not None else None,
             "peak_memory_mb": mem[0] / 2**20 if mem else None,
@@ -52,17 +54,21 @@ def markdown(all_groups: list[Group], records: list[RunRecord]) -> str:
     rows = table_rows(all_groups)
     common = common_items(all_groups)
     answers = any(r["answer_acc_per_chunk"] for r in rows)
+    bpc = any(r["last_bpc_mean"] is not None for r in rows)  # text: bits per character compare across tokenizers
     lines = [f"All runs: {label(sorted(common))}.", ""] if common else []
-    lines += ["| group | seeds | val loss per chunk (mean ± std) | last chunk | gap to end-to-end | "
-              + ("answer accuracy per chunk | steps to 95% | " if answers else "")
-              + "peak act. memory | wall time | tokens/s |", "| --- " * (10 if answers else 8) + "|"]
+    lines += ["| group | seeds | val loss per chunk (mean ± std) | last chunk | " + ("last chunk, bits per char | "
+              if bpc else "") + "gap to end-to-end | " + ("answer accuracy per chunk | steps to 95% | " if answers
+                                                           else "")
+              + "peak act. memory | wall time | tokens/s |", "| --- " * (8 + 2 * answers + bpc) + "|"]
     for g, r in zip(all_groups, rows):
         per_chunk = ", ".join(_pm(c) for c in g.chunk_losses()) or "-"
         gap = "-" if r["gap"] is None else f"{r['gap']:+.4f} ({r['gap_pct']:+.2f}%)"
         gap = "(reference)" if g.chunks == 1 and g.done else gap
         acc = ", ".join(f"{100 * c[0]:.1f}%" if c else "-" for c in g.chunk_answer_acc()) or "-"
         lines.append(
-            f"| {label(g.key, common)} | {r['seeds']}/{r['runs']} | {per_chunk} | **{_pm(g.last())}** | {gap} | "
+            f"| {label(g.key, common)} | {r['seeds']}/{r['runs']} | {per_chunk} | **{_pm(g.last())}** | "
+            + (f"{_pm((r['last_bpc_mean'], r['last_bpc_std']) if r['last_bpc_mean'] is not None else None)} | "
+               if bpc else "") + f"{gap} | "
             + (f"{acc} | {r['steps_to_95pct_answer_acc'] or '-'} | " if answers else "")
             + ("-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.1f} MB") + " | "
             + ("-" if r["wall_s"] is None else f"{r['wall_s']:.0f} s") + " | "
@@ -72,7 +78,8 @@ def markdown(all_groups: list[Group], records: list[RunRecord]) -> str:
         lines += ["", f"Not included ({len(bad)} run{'s' if len(bad) != 1 else ''}):", ""]
         lines += [f"- `{r.dir}`: {r.status}" for r in bad]
     lines += ["", "Gap: the last chunk's mean final val loss minus that of the end-to-end group with the same "
-              "other settings (chunks=1). Peak memory: CUDA allocator peak on GPU, else bytes saved for backward "
+              "other settings (chunks=1), in nats per token (compare groups of different tokenizers by bits per "
+              "character). Peak memory: CUDA allocator peak on GPU, else bytes saved for backward "
               "in one step. ± is the standard deviation over seeds."]
     chances = sorted({r.summary["chance"]["answer_acc"] for r in records if r.finished and r.summary.get("chance")})
     if chances:
