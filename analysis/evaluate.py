@@ -14,10 +14,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from locallearn.analysis.evaluate import evaluate
 from locallearn.analysis.sweeps import report_dir
 from locallearn.atomic import write_json, write_text
 from locallearn.errors import ConfigError
+from locallearn.evaluate import evaluate
 from locallearn.probing.features import load_run
 from locallearn.probing.runs import find_runs, variant_of
 

@@ -26,6 +26,7 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import OmegaConf
 
 from locallearn.errors import ConfigError
+from locallearn.names import corpus_name, treebank_name
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -40,23 +41,12 @@ def _tag(overrides: str | None) -> str:
 
 def _corpus(name, path) -> str:
     """A text corpus's name as a directory-name prefix ("tinyshakespeare_"); "" for generated data (no path)."""
-    if not path:
-        return ""
-    from locallearn.data.text import corpus_name
-
-    return _tag(str(name or corpus_name(path))) + "_"
+    return _tag(str(name or corpus_name(path))) + "_" if path else ""
 
 
 def _treebank(task, treebank) -> str:
-    """A probe directory's treebank prefix ("en_gum_") for a UD task; "" for the others."""
-    from locallearn.probing.tasks import UD_TASKS, treebank_files, treebank_name
-
-    if task not in UD_TASKS:
-        return ""
-    try:
-        return _tag(treebank_name(treebank_files(treebank))) + "_"
-    except ConfigError:  # the probe analysis itself says what is wrong with the path
-        return ""
+    """A probe directory's treebank prefix ("en_gum_") for a UD task (upos, deprel); "" for the others."""
+    return _tag(treebank_name(treebank)) + "_" if task in ("upos", "deprel") else ""
 
 
 def register_resolvers():

@@ -20,7 +20,7 @@ LAYERS = [
     ("locallearn.checks",),
     ("locallearn.cli", "locallearn.rundir"),
     ("locallearn.train",),
-    ("locallearn.measure", "locallearn.probing"),
+    ("locallearn.measure", "locallearn.probing", "locallearn.evaluate"),
 ]
 
 

@@ -15,14 +15,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from locallearn.analysis.evaluate import evaluate, windows
 from locallearn.config import PROJECT_ROOT, differences, upgrade_config
 from locallearn.data import TextDataModule
 from locallearn.data.tokenizer import TextTokenizer
 from locallearn.errors import ConfigError
-from locallearn.probing.features import load_run
-from locallearn.probing.report import probe_runs, word_pieces
-from locallearn.probing.tasks import Split, treebank_files, treebank_name, ud_task
+from locallearn.evaluate import evaluate, windows
+from locallearn.names import treebank_name
+from locallearn.probing.features import load_run, word_pieces
+from locallearn.probing.report import probe_runs
+from locallearn.probing.tasks import Split, treebank_files, ud_task
 from locallearn.train import build, saved_tokenizer, train
 from tests.conftest import CONF_DIR, compose_config
 
@@ -289,7 +290,7 @@ def write_treebank(folder: Path, splits=("dev", "test"), n: int = 120) -> Path:
 def test_treebank_files_are_found_by_split_name_and_train_is_optional(tmp_path):
     folder = write_treebank(tmp_path / "UD_Toy")
     files = treebank_files(folder)
-    assert set(files) == {"dev", "test"} and treebank_name(files) == "xx_toy"
+    assert set(files) == {"dev", "test"} and treebank_name(folder) == "xx_toy" == treebank_name([files["test"]])
     assert set(treebank_files([str(files["dev"]), str(files["test"])])) == {"dev", "test"}
     task = ud_task("upos", folder, {"train": None, "dev": None, "test": None}, seed=0)
     assert "probe-train is a seeded 80% of xx_toy-ud-dev.conllu's sentences" in task.note

@@ -16,8 +16,7 @@ from locallearn.data.base import TokenDataModule
 from locallearn.data.tokenizer import TextTokenizer
 from locallearn.data.windows import fixed_windows
 from locallearn.errors import ConfigError
-
-GENERIC_STEMS = {"input", "train", "data", "corpus", "text", "all"}  # file stems that do not name a corpus
+from locallearn.names import corpus_name
 
 
 def read_text(path, key: str = "data.path") -> tuple[str, list[Path]]:
@@ -44,15 +43,6 @@ def read_text(path, key: str = "data.path") -> tuple[str, list[Path]]:
     if not text:
         raise ConfigError(f"{key}={path} is empty; pass a file with text in it.")
     return text, files
-
-
-def corpus_name(path) -> str:
-    """A corpus's name from its path: the file's stem, the folder's name for a folder or a generic stem
-    (``input.txt`` of ``tinyshakespeare/`` is "tinyshakespeare")."""
-    path = Path(path).expanduser()
-    if path.is_dir() or path.stem.lower() in GENERIC_STEMS:
-        return path.resolve().name if path.is_dir() else path.resolve().parent.name
-    return path.stem
 
 
 class TextCorpus(TokenDataModule):

@@ -132,6 +132,21 @@ def states(net: ChunkedGPT, idx: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
+def word_pieces(tokenizer, data, rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """A text split in a run's tokens: (token stream, the positions to read, per word the number of positions it
+    averages or None, unknown characters or pieces). A word's pieces are the tokens that hold its first through its
+    last character; ``last`` reads the last one, ``mean`` averages them all."""
+    enc = tokenizer.encode(data.text)
+    token_of = lambda chars: np.searchsorted(enc.starts, chars, side="right") - 1  # noqa: E731
+    last = token_of(data.positions)
+    if rule == "last":
+        return enc.ids, last, None, enc.unknown
+    first = token_of(data.starts)
+    counts = last - first + 1
+    positions = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+    return enc.ids, positions, counts, enc.unknown
+
+
 def _windows(n: int, T: int, causal: bool) -> tuple[np.ndarray, np.ndarray]:
     """Window starts (every window full, the last one ending at the stream's end), and for each stream
     position the index of the window it is read from."""

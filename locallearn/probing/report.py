@@ -20,7 +20,14 @@ from omegaconf import DictConfig
 from locallearn.atomic import atomic_open, write_text
 from locallearn.checks import PROBING, check_config
 from locallearn.probing.cka import cka_matrix
-from locallearn.probing.features import cached_features, layer_chunk, layer_depth, layer_names, load_run
+from locallearn.probing.features import (
+    cached_features,
+    layer_chunk,
+    layer_depth,
+    layer_names,
+    load_run,
+    word_pieces,
+)
 from locallearn.probing.plots import plot_all
 from locallearn.probing.runs import (
     Model,
@@ -55,21 +62,6 @@ def _task(cfg: DictConfig, runs) -> ProbeTask:
     if task is not None:
         return task_probe(cfg.task, task, int(runs[0].cfg.data.task_seed), words)
     return synthetic_task(cfg.task, int(runs[0].cfg.data.corpus_seed), words)
-
-
-def word_pieces(tokenizer, data, rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
-    """A text split in a run's tokens: (token stream, the positions to read, per word the number of positions it
-    averages or None, unknown characters or pieces). A word's pieces are the tokens that hold its first through its
-    last character; ``last`` reads the last one, ``mean`` averages them all."""
-    enc = tokenizer.encode(data.text)
-    token_of = lambda chars: np.searchsorted(enc.starts, chars, side="right") - 1  # noqa: E731
-    last = token_of(data.positions)
-    if rule == "last":
-        return enc.ids, last, None, enc.unknown
-    first = token_of(data.starts)
-    counts = last - first + 1
-    positions = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-    return enc.ids, positions, counts, enc.unknown
 
 
 def _features(model: Model, task: ProbeTask, cfg: DictConfig) -> tuple[dict, int]:

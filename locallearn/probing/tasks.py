@@ -33,6 +33,7 @@ from locallearn.data.conllu import UPOS, read_conllu
 from locallearn.data.ewt import join_sentences
 from locallearn.data.synthetic import CATEGORIES, NUMBERS, ROLES, Grammar
 from locallearn.errors import ConfigError
+from locallearn.names import treebank_name
 
 UD_TASKS = ("upos", "deprel")
 SYNTHETIC_TASKS = ("agreement", "role", "depth", "category")
@@ -112,12 +113,6 @@ def treebank_files(path) -> dict[str, Path]:
     return files
 
 
-def treebank_name(files: dict[str, Path]) -> str:
-    """A treebank's name: UD's file prefix ("en_ewt" of en_ewt-ud-test.conllu), else its folder's name."""
-    stem = files["test"].stem
-    return stem.split("-ud-")[0] if "-ud-" in stem else files["test"].resolve().parent.name
-
-
 def ud_task(name: str, treebank, max_words: dict[str, int | None], seed: int = 0) -> ProbeTask:
     """``upos`` (17 tags) or ``deprel`` (coarse relations) on a UD treebank's train / dev / test.
 
@@ -162,7 +157,7 @@ def ud_task(name: str, treebank, max_words: dict[str, int | None], seed: int = 0
             offset += len(s.text) + 1  # the separator
         spans = np.array(spans, dtype=np.int64).reshape(-1, 2)
         splits[split] = Split(text, None, spans[:, 1].copy(), np.array(labels), types, starts=spans[:, 0].copy())
-    return ProbeTask(name, "ud", classes, splits, treebank=treebank_name(files), note=note)
+    return ProbeTask(name, "ud", classes, splits, treebank=treebank_name(list(files.values())), note=note)
 
 
 def synthetic_task(name: str, corpus_seed: int, words: dict[str, int]) -> ProbeTask:
