@@ -165,6 +165,11 @@ def test_a_bpe_run_reports_bits_per_character_and_saves_its_tokenizer(bpe_run, c
     assert {"val/bpc/chunk1", "val/bpc/chunk2", "val/bits_per_token/chunk2"} <= tags
     last = acc.Scalars("val/bpc/chunk2")[-1].value
     assert last == pytest.approx(summary["val_bpc"]["chunk2"], rel=1e-5)
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["data.corpus"].string_value == "toytext" and hparams["data.tokenizer"].string_value == "bpe-48"
 
 
 def test_a_continued_run_reads_its_saved_tokenizer(bpe_run, corpus, tmp_path):
