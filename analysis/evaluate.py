@@ -23,17 +23,20 @@ from locallearn.probing.runs import find_runs, variant_of
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| run | variant | seed | checkpoint (step) | tokenizer | chunk | test loss (nats/token) | bits per "
-             "character |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | variant | seed | checkpoint (step) | tokenizer | tokens scored | chunk | test loss "
+             "(nats/token) | bits per character |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         for k, loss in enumerate(r["loss"]):
             bpc = f"{r['bpc'][k]:.4f}" if r["bpc"] else "—"
             lines.append(f"| {Path(r['run']).name} | {r['variant']} | {r['seed']} | {r['checkpoint']} ({r['step']}) "
-                         f"| {r['tokenizer']} | {k + 1} | {loss:.4f} | {bpc} |")
+                         f"| {r['tokenizer']} | {r['tokens']:,} | {k + 1} | {loss:.4f} | {bpc} |")
     first = records[0]
-    lines.append(f"\nsplit: {first['split']} ({first['source']}); {first['tokens']:,} tokens, "
-                 f"{first['characters']:,} characters scored per run" + (
-                     f"; {first['unknown']:,} outside the tokenizer, read by its rule" if first["unknown"] else ""))
+    unknown = sorted({r["unknown"] for r in records})
+    chars = sorted({r["characters"] for r in records})
+    span = f"{chars[0]:,}" + (f" to {chars[-1]:,}" if len(chars) > 1 else "")
+    lines.append(f"\nsplit: {first['split']} ({first['source']}); every token after the first scored, {span} "
+                 f"characters" + (f"; {', '.join(map(str, unknown))} characters or pieces outside a run's "
+                                              f"tokenizer, read by its rule" if unknown != [0] else ""))
     return "\n".join(lines) + "\n"
 
 
