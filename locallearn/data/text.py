@@ -6,7 +6,6 @@ and keeps, per token, the characters it covers, so that losses per token become 
 """
 
 import hashlib
-import math
 from functools import cached_property
 from pathlib import Path
 
@@ -159,8 +158,3 @@ class TextDataModule(TextCorpus):
         if test_path is not None:
             test, self.sources["test"] = read_text(test_path, "data.test_path")
         self.set_texts(train, val, test, where)
-
-
-def bits_per_char(loss_per_token: float, chars_per_token: float) -> float:
-    """Nats per token -> bits per character."""
-    return loss_per_token / chars_per_token / math.log(2)

@@ -2,8 +2,8 @@
 
 * UD treebanks (``upos``, ``deprel``; any treebank by path, EWT by default): sentences of the CoNLL-U files
   joined exactly as ``data=ewt`` joins them for training; each word keeps its character span, which the probe
-  analysis maps onto the pieces of each run's tokenizer (locallearn/probing/report.py: the word's last piece, or
-  the mean of its pieces).
+  analysis maps onto the pieces of each run's tokenizer (locallearn/probing/features.py, ``word_pieces``: the
+  word's last piece, or the mean of its pieces).
 * synthetic, every token a word (see :class:`locallearn.data.synthetic.Corpus` for the definitions):
   ``agreement`` (the number, sg / pl, that the verb of the token's clause agrees with), ``role``
   (nouns only: subject, object or prepositional object) and ``depth`` (nesting depth) depend on the
