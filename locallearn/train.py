@@ -121,6 +121,9 @@ def train(cfg: DictConfig) -> dict:
         losses = ", ".join(f"{k} {v:.4f}" for k, v in summary["val_loss"].items())
         log.info("final val loss: %s | %d steps in %.0f s, %.0f tokens/s | run dir: %s", losses, summary["steps"],
                  summary["wall_time_s"], summary["tokens_per_s"] or 0, run.output_dir)
+        if summary.get("val_bpc"):  # text: the unit that compares tokenizers
+            log.info("final val bits per character: %s",
+                     ", ".join(f"{k} {v:.4f}" for k, v in summary["val_bpc"].items()))
         if summary.get("answer_acc"):
             for line in answers_by_depth(summary, [c.end for c in run.module.net.plan]):
                 log.info(line)

@@ -172,6 +172,14 @@ def test_a_bpe_run_reports_bits_per_character_and_saves_its_tokenizer(bpe_run, c
     assert hparams["data.corpus"].string_value == "toytext" and hparams["data.tokenizer"].string_value == "bpe-48"
 
 
+def test_a_text_run_ends_with_its_bits_per_character(corpus, tmp_path, caplog):
+    cfg = compose_config(tmp_path / "run", "data=text", f"data.path={corpus / 'toytext.txt'}", "trainer.max_steps=3")
+    with caplog.at_level("INFO", logger="locallearn.train"):
+        summary = train(cfg)
+    line = next(r.getMessage() for r in caplog.records if "bits per character" in r.getMessage())
+    assert line == "final val bits per character: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["val_bpc"].items())
+
+
 def test_a_continued_run_reads_its_saved_tokenizer(bpe_run, corpus, tmp_path):
     out, _ = bpe_run
     cfg = compose_config(tmp_path / "next", "data=text", f"data.path={corpus / 'toytext.txt'}", "data.tokenizer=bpe",
