@@ -86,7 +86,7 @@ def _split_data(run: TrainedRun, split: str, overrides: list[str]):
     tokens = module.test_tokens if split == "test" else module.val_tokens
     if tokens is None:
         raise ConfigError(f"{run.dir} has no test split: pass one with data.test_path=FILE (a text file or folder), "
-                          f"or evaluate split=val.")
+                          f"or pass --split val.")
     chars = module.test_chars if split == "test" else module.val_chars
     files = [str(p) for p in module.sources.get(split, [])]
     return tokens, chars, ", ".join(files), module.unknown.get(split, 0)
