@@ -251,7 +251,7 @@ def test_evaluate_cli_writes_a_table_beside_the_run(bpe_run, corpus, tmp_path):
     proc = subprocess.run([sys.executable, "analysis/evaluate.py", str(out)], cwd=PROJECT_ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"error: {out} has no test split: pass one with data.test_path=FILE (a text file or folder), or evaluate "
+        f"error: {out} has no test split: pass one with data.test_path=FILE (a text file or folder), or pass "
         f"--split val."]
     proc = subprocess.run([sys.executable, "analysis/evaluate.py", str(out), "data.test_file=x.txt"], cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=120)
