@@ -130,7 +130,6 @@ def evaluate(run: TrainedRun, split: str = "test", overrides=(), batch_size: int
                           f"longer split.")
     loss = (nll / scored).tolist()
     bpc = (nll / n_chars / math.log(2)).tolist() if objective.name == "clm" else None
-    step = int(torch.load(run.ckpt, map_location="cpu", weights_only=False).get("global_step", -1)) if run.ckpt else 0
     tok = run.tokenizer.name if run.tokenizer else "?"
-    return Evaluation(str(run.dir), run.ckpt.name if run.ckpt else "random init", step, split, source, tok, scored,
-                      n_chars, unknown, loss, bpc)
+    return Evaluation(str(run.dir), run.ckpt.name if run.ckpt else "random init", run.step, split, source, tok,
+                      scored, n_chars, unknown, loss, bpc)

@@ -248,6 +248,7 @@ def test_evaluate_cli_writes_a_table_beside_the_run(bpe_run, corpus, tmp_path):
     assert "| bits per character |" in table and "bpe-48" in table and "test.txt" in table
     records = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert len(records) == 1 and len(records[0]["bpc"]) == 2
+    assert records[0]["checkpoint"] == "best.ckpt" and records[0]["step"] in (6, 12)  # validated at steps 6 and 12
     proc = subprocess.run([sys.executable, "analysis/evaluate.py", str(out)], cwd=PROJECT_ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [

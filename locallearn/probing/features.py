@@ -41,6 +41,7 @@ class TrainedRun:
     net: ChunkedGPT
     ckpt: Path | None  # None: the randomly initialized baseline
     tokenizer: TextTokenizer | None = None  # text runs: the run's tokenizer.json (older runs: characters)
+    step: int = 0  # the checkpoint's global step (0: random init)
 
     @property
     def name(self) -> str:
@@ -67,11 +68,13 @@ def load_run(run_dir, random_init: bool = False, device: str = "cpu", ckpt: str 
     vocab = json.loads(vocab_path.read_text(encoding="utf-8"))["tokens"]
     torch.manual_seed(cfg.seed)
     net = make_net(cfg, instantiate(cfg.objective), len(vocab))
+    step = 0
     if not random_init:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-        net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        net.load_state_dict({k[len("net."):]: v for k, v in saved["state_dict"].items() if k.startswith("net.")})
+        step = int(saved.get("global_step", 0))
     net.eval().to(device)
-    return TrainedRun(run_dir, cfg, vocab, net, None if random_init else ckpt, run_tokenizer(run_dir, cfg, vocab))
+    return TrainedRun(run_dir, cfg, vocab, net, None if random_init else ckpt, run_tokenizer(run_dir, cfg, vocab), step)
 
 
 def run_tokenizer(run_dir: Path, cfg: DictConfig, vocab: list[str]) -> TextTokenizer | None:
