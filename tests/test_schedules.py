@@ -122,3 +122,25 @@ def test_chunk_lr_must_name_one_rate_per_chunk(make_cfg):
         build(make_cfg("chunks=2", "optim.chunk_lr=[0.01]"))
     with pytest.raises(ConfigError, match=r"optim.chunk_lr=\[0.01,-1\] must be a list of numbers, each a finite"):
         build(make_cfg("chunks=2", "optim.chunk_lr=[0.01,-1]"))
+
+
+@pytest.mark.parametrize("total, warmup, steps, expected", [
+    (2000, 0.05, None, 100),  # the default run: the former 100 steps
+    (50, 0.05, None, 2),      # a first smoke test warms up for 2 steps instead of being refused
+    (8000, 0.05, 100, 100),   # an absolute warmup wins (the recipes pin theirs)
+    (10, 0.0, None, 0),
+])
+def test_warmup_is_a_fraction_of_the_run_unless_given_in_steps(total, warmup, steps, expected):
+    assert schedules.warmup_length(total, warmup, steps) == expected
+
+
+def test_a_bad_warmup_fraction_is_one_sentence():
+    with pytest.raises(ConfigError, match=r"^schedule.warmup=1.5 must lie in \[0, 1\): the fraction of "
+                                          r"trainer.max_steps .* \(or set schedule.warmup_steps"):
+        schedules.warmup_length(100, 1.5)
+
+
+def test_a_50_step_run_trains_with_the_default_warmup(make_cfg):
+    cfg = make_cfg("trainer.max_steps=50", "schedule.warmup_steps=null", "trainer.val_check_interval=50")
+    assert cfg.schedule.warmup == 0.05 and cfg.schedule.warmup_steps is None
+    assert train(cfg)["steps"] == 50

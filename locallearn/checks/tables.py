@@ -86,7 +86,8 @@ RUN: dict[str, Spec] = {
     "optim.chunk_lr": Numbers(Number(0, lo_open=True), null=True, hint="one learning rate per chunk"),
     "optim.hypergrad_lr": Number(0, lo_open=True, null=True, hint="a hypergradient step size (the paper uses about "
                                  "1e-7 with Adam), or null to keep the schedule's learning rates"),
-    "schedule.warmup_steps": Number(0, integer=True),
+    "schedule.warmup_steps": Number(0, integer=True, null=True, hint="null: the fraction schedule.warmup of the run"),
+    "schedule.warmup": Number(0, 1, hi_open=True),
     "schedule.min_lr_ratio": PROB,
     "schedule.mode": Choice(("triangular", "triangular2", "exp_range")),
     "schedule.cycle_steps": Number(2, integer=True, hint="a cycle rises for half its steps and falls for the other "

@@ -4,7 +4,8 @@ Every schedule scales each param group's own learning rate (``optim.lr``, or ``o
 chunk), so per-chunk learning rates keep their ratios. With t the step (0-based) and lr the group's LR:
 
 * ``constant``: lr.
-* ``warmup_cosine``: lr (t+1)/w during the warmup w, then cosine decay to ``min_lr_ratio`` lr at the end.
+* ``warmup_cosine``: lr (t+1)/w during the warmup w (``warmup_steps``, or the fraction ``warmup`` of the run),
+  then cosine decay to ``min_lr_ratio`` lr at the end.
 * ``cyclic`` (Smith 2017), torch's ``CyclicLR``: cycles of ``cycle_steps`` steps, the LR rising linearly
   from the base, ``base_lr_ratio`` lr, to the peak in the first half and falling back in the second.
   The base stays; what changes is the amplitude, the distance from the base to the peak, (1 -
@@ -24,17 +25,27 @@ from torch.optim.lr_scheduler import CyclicLR, LambdaLR, LRScheduler, OneCycleLR
 from locallearn.errors import ConfigError
 
 
-def _check_warmup(warmup_steps: int, total_steps: int):
+def warmup_length(total_steps: int, warmup: float = 0.05, warmup_steps: int | None = None) -> int:
+    """The warmup in steps: ``warmup_steps`` when given, else the fraction ``warmup`` of the run, rounded (so that a
+    run of any length warms up for the same share of it: 100 of 2,000 steps, 2 of 50)."""
+    if warmup_steps is None:
+        if not 0.0 <= warmup < 1.0:
+            raise ConfigError(f"schedule.warmup={warmup} must lie in [0, 1): the fraction of trainer.max_steps the LR "
+                              f"warms up for (or set schedule.warmup_steps to a number of steps).")
+        return round(warmup * total_steps)
     if warmup_steps < 0 or (total_steps > 0 and warmup_steps >= total_steps):
         raise ConfigError(
             f"schedule.warmup_steps={warmup_steps} must be at least 0 and shorter than the run "
-            f"(trainer.max_steps={total_steps}); lower the warmup or train longer."
+            f"(trainer.max_steps={total_steps}); lower the warmup, train longer, or set schedule.warmup_steps=null "
+            f"to warm up for the fraction schedule.warmup of the run."
         )
+    return warmup_steps
 
 
-def warmup_cosine(optimizer, total_steps: int, warmup_steps: int = 100, min_lr_ratio: float = 0.1) -> LambdaLR:
-    """Linear warmup from 0 over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` x the base LR."""
-    _check_warmup(warmup_steps, total_steps)
+def warmup_cosine(optimizer, total_steps: int, warmup: float = 0.05, warmup_steps: int | None = None,
+                  min_lr_ratio: float = 0.1) -> LambdaLR:
+    """Linear warmup from 0 over :func:`warmup_length` steps, then cosine decay to ``min_lr_ratio`` x the base LR."""
+    warmup_steps = warmup_length(total_steps, warmup, warmup_steps)
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ConfigError(f"schedule.min_lr_ratio={min_lr_ratio} must lie in [0, 1].")
 
