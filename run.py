@@ -18,9 +18,22 @@ import locallearn  # noqa: F401  (registers the ${ll.*} resolvers conf/ uses)
 from locallearn.cli import composed_config, prepare_command_line
 from locallearn.errors import ConfigError, OutputError, PipelineError, TrainingDiverged
 
+# The jobs of a multirun that ran in this process (the basic launcher), and those that failed or were refused: a
+# sweep in which every one failed exits non-zero (launchers that run jobs elsewhere report through their own logs).
+JOBS = {"ran": 0, "failed": 0, "sweep_dir": None}
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        JOBS["ran"] += 1
+        JOBS["sweep_dir"] = HydraConfig.get().sweep.dir
+    result = job(cfg)
+    JOBS["failed"] += result is not None and math.isinf(result)
+    return result
+
+
+def job(cfg: DictConfig) -> float | None:
     from locallearn.train import record_config_error, train  # here: --help and bad options need no Lightning
 
     try:
@@ -72,3 +85,7 @@ if __name__ == "__main__":
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     main()
+    if JOBS["ran"] and JOBS["failed"] == JOBS["ran"]:
+        print(f"error: all {JOBS['ran']} jobs of the sweep failed or were refused (each says why above and in its "
+              f"summary.json under {JOBS['sweep_dir']}); fix the setting they share and run it again.", file=sys.stderr)
+        sys.exit(1)

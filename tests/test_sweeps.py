@@ -53,3 +53,15 @@ def test_submitit_local_multirun_writes_every_summary(tmp_path):
     assert len(summaries) == 2
     assert [json.loads(p.read_text())["chunks"] for p in summaries] == [1, 2]
     assert all(json.loads(p.read_text())["status"] == "finished" for p in summaries)
+
+
+def test_a_sweep_in_which_every_job_is_refused_exits_non_zero_with_the_count(tmp_path):
+    proc = run_py("-m", *tiny_args("chunks=7,9"), f"paths.log_dir={tmp_path}")  # model=tiny has 4 blocks
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: all 2 jobs of the sweep failed or were refused"), last
+    summaries = sorted((tmp_path / "multiruns").glob("*/*/summary.json"))
+    assert len(summaries) == 2 and all(json.loads(p.read_text())["status"].startswith("failed: ConfigError")
+                                       for p in summaries)
+    proc = run_py("-m", *tiny_args("chunks=2,9"), f"paths.log_dir={tmp_path / 'mixed'}")  # one job trains
+    assert proc.returncode == 0, proc.stderr
