@@ -177,6 +177,7 @@ def test_lightnings_own_ddp_is_refused(make_cfg):
         build(make_cfg("+trainer.strategy=ddp"))
 
 
+@pytest.mark.slow  # 45 s of fresh processes, the second slowest test: the default suite stays under 10 minutes
 def test_bench_runs_on_the_tiny_model_and_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "analysis/bench.py", "--chunks", "1", "2", "--modes", "sequential",

@@ -30,7 +30,7 @@ NOT_RUN = {
     "bash .ci/run": "CI itself",
     "python -m pytest -m slow": "the slow tests, left out of the default run by design",
     "python analysis/bench.py": "a fresh process per configuration (minutes); its arguments are parsed here and "
-                                "tests/test_pipeline.py runs it on the tiny model",
+                                "tests/test_pipeline.py runs it on the tiny model (-m slow)",
     "python analysis/probe_bench.py": "three whole probe analyses; tests/test_probing.py runs it on tiny runs",
 }
 
