@@ -82,7 +82,7 @@ class TextCorpus(TokenDataModule):
         self.check_length(where)
 
     # -- what the run records ---------------------------------------------------------------------------
-    @property
+    @cached_property  # the splits are fixed once built; every validation, the summary and the hparams read it
     def val_chars_per_token(self) -> float:
         """Characters per predicted token over the fixed validation windows (targets: positions 1..T), so that
         the mean validation loss per token, divided by this and ln 2, is their exact bits per character."""

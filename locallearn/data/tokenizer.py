@@ -65,8 +65,8 @@ class TextTokenizer:
         if [ids[t] for t in self.vocab] != list(range(len(self.vocab))):
             raise ConfigError("the tokenizer's ids are not 0..vocab_size-1; retrain it with this package.")
         self.alphabet = {t for t in self.vocab if len(t) == 1} if self.kind != "word" else None
-        fallback = " " if self.alphabet is None or " " in self.alphabet else min(self.alphabet or {" "})
-        self.fallback = fallback
+        self.fallback = " " if self.alphabet is None or " " in self.alphabet else min(self.alphabet or {" "})
+        self.unk_id = ids.get(UNK)  # word only
 
     # -- building -----------------------------------------------------------------------------------
     @classmethod
@@ -141,7 +141,7 @@ class TextTokenizer:
         spans = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
         ids = np.asarray(enc.ids, dtype=np.int64)
         if self.kind == "word":
-            unknown = int((ids == self.vocab.index(UNK)).sum())
+            unknown = int((ids == self.unk_id).sum())
         if len(ids) and (spans[0, 0] != 0 or spans[-1, 1] != len(text) or (spans[1:, 0] != spans[:-1, 1]).any()):
             raise RuntimeError("the tokens do not tile the text; the tokenizer.json was not made by locallearn.")
         return Encoded(ids, spans[:, 0].copy(), spans[:, 1].copy(), unknown)
