@@ -5,6 +5,8 @@
     python analysis/bench.py --device cuda --set model=base data.batch_size=32
     python analysis/bench.py --modes joint sequential --compile   # and compile=true (torch.compile of the blocks)
     python analysis/bench.py --modes sequential --methods local interlock synthetic delayed   # methods at K=max
+    python analysis/bench.py --setting activations --modes sequential   # model=base, batch 32 x 256: activations
+                                                                        #   dominate; 5 steps, one process each
 
 Each configuration trains in a fresh process (locallearn/measure.py) through the real config and
 Lightning, with validation and checkpoints off: median step time and tokens/s over --steps steps
@@ -28,6 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 REPEATS = 3
+
+# Named settings: their run-config overrides and the timing defaults they need (--steps, --warmup, --repeats).
+SETTINGS = {
+    "small": {"overrides": ["model=small"], "steps": 30, "warmup": 5, "repeats": 3},
+    # where activations dominate a process's memory (~2 GB saved for backward at K=1 against ~0.5 GB of weights,
+    # Adam state and libraries); a step takes seconds on a CPU, so few steps and one process per configuration
+    "activations": {"overrides": ["model=base", "data.batch_size=32"], "steps": 5, "warmup": 1, "repeats": 1},
+}
 
 
 def measure_in_process(args: dict) -> dict | str:
@@ -60,6 +70,12 @@ def run_one(overrides, steps, warmup, bare=False, threads=None, kind=None) -> di
     return best
 
 
+def process_peak(row: dict) -> int:
+    """A configuration's peak process memory: the CUDA allocator's peak on a GPU, else the peak resident memory
+    (both the most of any one process)."""
+    return row["cuda_peak_allocated_bytes"] or row["peak_rss_bytes"]
+
+
 def _fmt_bytes(b):
     return "-" if b is None else f"{b / 2**20:,.1f} MB"
 
@@ -68,11 +84,15 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--modes", nargs="+", default=["joint", "sequential", "pipeline"])
+    ap.add_argument("--setting", choices=sorted(SETTINGS), default="small",
+                    help="small: model=small, batch 16 x 128 (default); activations: model=base, batch 32 x 256")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="run-config overrides for every configuration (default: model=small data=synthetic)")
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per configuration; the fastest counts")
+                    help="run-config overrides for every configuration, after the setting's (data=synthetic unless "
+                         "a data= is given)")
+    ap.add_argument("--steps", type=int, help="timed steps per configuration (default: the setting's, 30 or 5)")
+    ap.add_argument("--warmup", type=int, help="untimed steps first (default: the setting's, 5 or 1)")
+    ap.add_argument("--repeats", type=int, help="fresh processes per configuration; the fastest counts (default: the "
+                                                "setting's, 3 or 1)")
     ap.add_argument("--compile", action="store_true",
                     help="also time compile=true (torch.compile of every block) for each mode at the largest K and K=1")
     ap.add_argument("--methods", nargs="*", default=[], metavar="METHOD",
@@ -85,6 +105,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    setting = SETTINGS[args.setting]
+    for key in ("steps", "warmup", "repeats"):
+        if getattr(args, key) is None:
+            setattr(args, key, setting[key])
     if args.steps < 3 or args.warmup < 1 or args.repeats < 1:
         print(f"error: --steps={args.steps}, --warmup={args.warmup} and --repeats={args.repeats} must be at least 3, "
               f"1 and 1.", file=sys.stderr)
@@ -93,7 +117,7 @@ def main(argv=None) -> int:
     REPEATS = args.repeats
     data = [] if any(o.startswith("data=") for o in args.set) else \
         ["data=synthetic", "data.n_train_tokens=200000", "data.n_val_tokens=20000"]
-    base = ["model=small", *data, f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+    base = [*setting["overrides"], *data, f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
             "schedule.warmup_steps=1", *args.set]
     rows = [run_one([*base, "chunks=1", "mode=joint"], args.steps, args.warmup, bare=True)]
     for mode in args.modes:
@@ -144,11 +168,11 @@ def main(argv=None) -> int:
     ref |= {f"sequential, method={m}": ref.get("sequential") for m in args.methods}
     ref["sequential, 1 thread"] = None
     print(f"| mode | chunks | step: fastest (slowest) of {REPEATS} | tokens/s | step vs K=1 | act. memory (max per "
-          f"process) | vs K=1 | held between steps | peak RSS (max per process) | CUDA peak | aux heads' FLOPs |\n"
-          f"|---|---|---|---|---|---|---|---|---|---|---|")
+          f"process) | vs K=1 | held between steps | peak RSS (max per process) | CUDA peak | process peak vs K=1 | "
+          f"aux heads' FLOPs |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['mode']} | {r['chunks']} | error: {r['error']} | | | | | | | | |")
+            print(f"| {r['mode']} | {r['chunks']} | error: {r['error']} | | | | | | | | | |")
             continue
         k1 = ref.get(r["mode"])
         t_ratio = f"{r['step_ms'] / k1['step_ms']:.2f}x" if k1 else "-"
@@ -158,7 +182,8 @@ def main(argv=None) -> int:
               f"{t_ratio} | "
               f"{_fmt_bytes(r['activation_bytes'])} | {m_ratio} | {_fmt_bytes(r.get('method_state_bytes'))} | "
               f"{_fmt_bytes(r['peak_rss_bytes'])} | "
-              f"{_fmt_bytes(r['cuda_peak_allocated_bytes'])} | {r['aux_head_flop_share']:.1%} |")
+              f"{_fmt_bytes(r['cuda_peak_allocated_bytes'])} | "
+              f"{f'{process_peak(r) / process_peak(k1):.3f}' if k1 else '-'} | {r['aux_head_flop_share']:.1%} |")
 
     good = [p for p in profiles if "error" not in p]
     if good:
@@ -178,6 +203,12 @@ def main(argv=None) -> int:
     if s1 and s4:
         checks.append(("sequential K=4 activation memory saved vs K=1", 1 - s4["activation_bytes"] /
                        s1["activation_bytes"], ">= 0.60", 1 - s4["activation_bytes"] / s1["activation_bytes"] >= 0.6))
+        saved = s4["activation_bytes"] / s1["activation_bytes"]
+        checks.append(("sequential K=4 / K=1 bytes saved for backward (1/K plus the heads)", saved, "<= 0.26",
+                       saved <= 0.26))
+        peak = process_peak(s4) / process_peak(s1)
+        kind = "CUDA allocator" if s1["cuda_peak_allocated_bytes"] else "RSS"
+        checks.append((f"sequential K=4 / K=1 peak process memory ({kind})", peak, "<= 0.5", peak <= 0.5))
         checks.append(("sequential step time K=4 / K=1", s4["step_ms"] / s1["step_ms"], "<= 1.05",
                        s4["step_ms"] / s1["step_ms"] <= 1.05))
     if isinstance(interleaved, dict):

@@ -53,6 +53,11 @@ class StepClock(L.Callback):
         self.starts.append(time.perf_counter())
 
 
+def threads_override(threads: int | None) -> list[str]:
+    """The run-config override that gives the process ``threads`` CPU threads (None: the config's default)."""
+    return [f"process.threads={threads}"] if threads else []
+
+
 def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -65,10 +70,9 @@ def _aux_flop_share(flops: list[dict]) -> float:
 
 def measure(overrides: list[str], steps: int, warmup: int, threads: int | None = None) -> dict:
     quiet_lightning()
-    if threads:
-        torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as out:
-        cfg = compose_run_config(out, [*overrides, f"trainer.max_steps={warmup + steps}", *BENCH_OVERRIDES])
+        cfg = compose_run_config(out, [*overrides, f"trainer.max_steps={warmup + steps}", *BENCH_OVERRIDES,
+                                       *threads_override(threads)])
         run = build(cfg)
         clock = StepClock()
         run.trainer.callbacks.append(clock)
@@ -92,17 +96,16 @@ def measure(overrides: list[str], steps: int, warmup: int, threads: int | None =
             "cuda_peak_allocated_bytes": (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None),
             "peak_rss_bytes": max(rss), "peak_rss_bytes_per_process": rss,
             "aux_head_flop_share": _aux_flop_share(module.flops_per_token or []),
-            "threads": threads or torch.get_num_threads(), "device": str(module.device),
+            "threads": torch.get_num_threads(), "device": str(module.device),
         }
 
 
 def bare_loop(overrides: list[str], total_steps: int, threads: int | None = None):
     """``(run, step)``: the run's model, optimizer, schedule, clipping and batches, and ``step(i)`` that trains
     step i in a plain loop, without Lightning (returning the peak bytes saved for backward at step 0)."""
-    if threads:
-        torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as out:
-        cfg = compose_run_config(out, [*overrides, f"trainer.max_steps={total_steps}", *BENCH_OVERRIDES])
+        cfg = compose_run_config(out, [*overrides, f"trainer.max_steps={total_steps}", *BENCH_OVERRIDES,
+                                       *threads_override(threads)])
         run = build(cfg)
     module, device = run.module, torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
     net = module.net.to(device).train()

@@ -20,6 +20,7 @@ from locallearn.checks.run import check_run
 from locallearn.config import instantiate
 from locallearn.errors import ConfigError, OutputError
 from locallearn.model.chunked import make_net
+from locallearn.process import setup_process
 from locallearn.rundir import save_hydra_files
 from locallearn.training.checkpoint import check_compatible, last_checkpoint
 from locallearn.training.learner import LocalLearner
@@ -40,6 +41,7 @@ class Run:
 def build(cfg: DictConfig) -> Run:
     """Seed, check and instantiate data, model, module and trainer. Nothing is trained yet."""
     check_run(cfg)  # every value and every combination (locallearn/checks/) before anything is read or built
+    setup_process(cfg)
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     objective = instantiate(cfg.objective)

@@ -48,6 +48,7 @@ def check_run(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file to resume from.")
     _check_schedule(cfg)
+    _check_accelerator(cfg)
     strategy.check(cfg)  # what the execution mode cannot run (mode=pipeline: overlap, the switch ...)
     ddp = cfg.trainer.get("strategy")
     if isinstance(ddp, str) and ddp.startswith("ddp"):
@@ -68,6 +69,16 @@ def _check_method(cfg: DictConfig):
     if cfg.get("switch", {}).get("at") is not None:
         raise ConfigError(f"method={name} sends gradients back across the cut, and switch.at={cfg.switch.at} removes "
                           f"the cut after the switch; use one of them: switch.at=null or method=local.")
+
+
+def _check_accelerator(cfg: DictConfig):
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} asks for a GPU, but this torch ({torch.__version__}) "
+                          f"sees none; use trainer=cpu, or the default trainer (accelerator=auto takes a GPU when "
+                          f"there is one).")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.accelerator=mps asks for Apple's GPU, but this torch sees none; use trainer=cpu.")
 
 
 def _check_schedule(cfg: DictConfig):

@@ -49,6 +49,9 @@ RUN: dict[str, Spec] = {
     "resume": Existing("dir", hint="pass the directory of the run to continue"),
     "pipeline.threads": Number(1, integer=True, null=True, hint="null shares the cores among the chunks"),
     "pipeline.backend": Choice(("gloo", "nccl")),
+    "process.threads": Number(1, integer=True, null=True, hint="null: OMP_NUM_THREADS if set, else the process's "
+                              "share of its cores"),
+    "process.release_memory": Flag(),
     # objective (before model: model.causal follows objective.causal)
     "objective.causal": Flag(),
     "objective.mask_prob": Number(0, 1, lo_open=True, hi_open=True),

@@ -8,6 +8,10 @@ import torch.distributed as dist
 from locallearn.errors import ConfigError
 
 
+# What a pipeline's chunk processes reproduce of Lightning's precision plugins (locallearn/pipeline/worker.py).
+PIPELINE_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16")
+
+
 def worker_devices(K: int, accelerator: str) -> list[str]:
     """One device per chunk: cuda:k when training on GPUs (one GPU per chunk is required), else the CPU."""
     cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
@@ -50,6 +54,11 @@ def check_pipeline(cfg) -> None:
     if backend == "nccl" and (devices[0] == "cpu" or not dist.is_nccl_available()):
         raise ConfigError("pipeline.backend=nccl moves tensors between GPUs, but this run is on the CPU or this "
                           "torch has no NCCL; use pipeline.backend=gloo.")
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if precision not in PIPELINE_PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision} is not supported with mode=pipeline (its chunk processes "
+                          f"run {' or '.join(PIPELINE_PRECISIONS[::2])} themselves, without Lightning's scaler or "
+                          f"weight casts); use trainer.precision=bf16-mixed (trainer=gpu) or 32-true.")
     threads = cfg.get("pipeline", {}).get("threads")
     if threads is not None and int(threads) < 1:
         raise ConfigError(f"pipeline.threads={threads} must be at least 1 (CPU threads per chunk's process).")

@@ -73,7 +73,7 @@ class PipelineStrategy(Strategy):
     def setup(self, module):
         self.module = module
         K = len(module.net)
-        self.threads = self.threads or max(1, (os.cpu_count() or 1) // K)
+        self.threads = self.threads or max(1, torch.get_num_threads() // K)  # this process's share (process.threads)
         self.next_result = [0] * K
         self.worker_activation_bytes, self.worker_rss = [None] * K, [None] * K
         for metric in module.metrics.loss:

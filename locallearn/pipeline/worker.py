@@ -6,6 +6,7 @@ with the same :func:`locallearn.training.update.update` as every other strategy.
 to rank 0 on the side channel; validation sums and chunk states when rank 0 asks for them.
 """
 
+import contextlib
 import os
 import resource
 import sys
@@ -35,12 +36,21 @@ from locallearn.training.update import chunk_backward, update
 PEER_LOST = 3  # exit code of a worker that stops because another process died
 
 
+def autocast(precision: str, device: torch.device):
+    """The context a worker runs its chunk's forward in: what Lightning's precision plugin gives rank 0's chunk
+    (``bf16-mixed``: matmuls in bfloat16, weights and optimizer in float32; ``32-true``: nothing)."""
+    if str(precision) in ("bf16-mixed", "bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class ChunkWorker:
     """What a worker holds: chunk k of the model, its optimizer and schedule, its end of the method's backward
     messages, and its validation sums."""
 
-    def __init__(self, module: LocalLearner, k: int, max_steps: int, device, link: Link):
+    def __init__(self, module: LocalLearner, k: int, max_steps: int, device, link: Link, precision: str = "32-true"):
         self.module, self.k, self.device = module, k, device
+        self.precision = precision
         self.messages = BackwardMessages(link, k, link.world, module.method)
         self.net = module.net.to(device)
         self.optimizer = module.optimizer_factory([g for g in module.param_groups() if g["chunk"] == k])
@@ -76,8 +86,9 @@ class ChunkWorker:
 
         def backward_pass():
             loss_fn = lambda k, h, logits: self.module.chunk_loss(k, h, logits, prepared)  # noqa: E731
-            _, loss, grad = chunk_backward(self.net, self.k, handoff, loss_fn, torch.Tensor.backward, self.weight,
-                                           method, handed_on)
+            with autocast(self.precision, self.device):
+                _, loss, grad = chunk_backward(self.net, self.k, handoff, loss_fn, torch.Tensor.backward,
+                                               self.weight, method, handed_on)
             self.messages.send_back(step, grad)
             return [loss]
 
@@ -94,21 +105,22 @@ class ChunkWorker:
     @torch.no_grad()
     def validate(self, handoff, prepared: Prepared, forward):
         self.net.eval()
-        out, h, logits = self.net.forward_chunk(self.k, handoff)
-        forward(out)
-        weight = float((prepared.targets != IGNORE).sum())
-        self.val_sum += float(self.module.chunk_loss(self.k, h, logits, prepared)) * weight
-        self.val_weight += weight
-        if prepared.answer is not None:
-            loss_sum, correct, count = answer_scores(logits, prepared)
-            loss_total, correct_total, n = self.answers
-            self.answers = [loss_total + float(loss_sum), correct_total + float(correct), n + count]
+        with autocast(self.precision, self.device):  # the loss too: under autocast, cross-entropy runs in float32
+            out, h, logits = self.net.forward_chunk(self.k, handoff)
+            forward(out)
+            weight = float((prepared.targets != IGNORE).sum())
+            self.val_sum += float(self.module.chunk_loss(self.k, h, logits, prepared)) * weight
+            self.val_weight += weight
+            if prepared.answer is not None:
+                loss_sum, correct, count = answer_scores(logits, prepared)
+                loss_total, correct_total, n = self.answers
+                self.answers = [loss_total + float(loss_sum), correct_total + float(correct), n + count]
 
 
-def worker_loop(link: Link, module: LocalLearner, max_steps: int, device) -> None:
+def worker_loop(link: Link, module: LocalLearner, max_steps: int, device, precision: str = "32-true") -> None:
     """Run chunk ``link.rank`` (from 0) until STOP: the body of every rank but 0."""
     k, K = link.rank, link.world
-    chunk = ChunkWorker(module, k, max_steps, device, link)
+    chunk = ChunkWorker(module, k, max_steps, device, link, precision)
     plan = module.net.plan
     last = k == K - 1
 
@@ -171,7 +183,8 @@ def serve(link: Link, cfg_dict: dict, vocab_size: int, device: str, threads: int
     objective = instantiate(cfg.objective)
     torch.manual_seed(cfg.seed)
     net = make_net(cfg, objective, vocab_size)
-    worker_loop(link, make_module(cfg, net, objective), int(cfg.trainer.max_steps), torch.device(device))
+    worker_loop(link, make_module(cfg, net, objective), int(cfg.trainer.max_steps), torch.device(device),
+                str(cfg.trainer.get("precision", "32-true")))
 
 
 def run_worker(rank: int, world: int, addr: str, port: int, *setup) -> None:
