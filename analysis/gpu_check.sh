@@ -21,14 +21,14 @@ step() {  # step <name> <timeout s> <command...>: run it, print its end and its 
     echo "== $name: exit $rc in $((SECONDS - start)) s"
 }
 COMMON=(trainer.max_steps=200 trainer.enable_progress_bar=false "paths.log_dir=$LOGS")
-step gpu_bf16 300 python run.py trainer=gpu "${COMMON[@]}"
-step gpu_bf16_sequential 300 python run.py trainer=gpu mode=sequential "${COMMON[@]}"
-step ddp 300 python run.py trainer=ddp "${COMMON[@]}"
-step pipeline_nccl 120 python run.py trainer=gpu mode=pipeline chunks=2 pipeline.backend=nccl "${COMMON[@]}"
-step bench_fp32 600 python analysis/bench.py --device cuda --setting activations --modes joint sequential \
-    --chunks 1 2 4 --steps 20 --warmup 3 --out "$OUT_DIR/bench_gpu_fp32.json"
+step gpu_bf16 90 python run.py trainer=gpu "${COMMON[@]}"
+step gpu_bf16_sequential 90 python run.py trainer=gpu mode=sequential "${COMMON[@]}"
+step ddp 90 python run.py trainer=ddp "${COMMON[@]}"
+step pipeline_nccl 60 python run.py trainer=gpu mode=pipeline chunks=2 pipeline.backend=nccl "${COMMON[@]}"
+step bench_fp32 240 python analysis/bench.py --device cuda --setting activations --modes joint sequential \
+    --chunks 1 4 --steps 20 --warmup 3 --out "$OUT_DIR/bench_gpu_fp32.json"
 sed -n '/^| mode/,$p' "$OUT_DIR/bench_fp32.log"
-step bench_bf16 600 python analysis/bench.py --device cuda --setting activations --modes sequential --chunks 1 4 \
+step bench_bf16 200 python analysis/bench.py --device cuda --setting activations --modes sequential --chunks 1 4 \
     --steps 20 --warmup 3 --set trainer.precision=bf16-mixed --out "$OUT_DIR/bench_gpu_bf16.json"
 sed -n '/^| mode/,$p' "$OUT_DIR/bench_bf16.log"
 rm -rf "$LOGS"
