@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU paths end to end, on a machine with GPUs (CI has none; tests/test_gpu_readiness.py checks what a CPU can):
-#   bash analysis/gpu_check.sh [out_dir]
+#   bash analysis/gpu_check.sh [out_dir]       (PYTHON=python3 to choose the interpreter)
 # trainer=gpu (bf16-mixed), trainer=ddp, mode=pipeline with NCCL (needs one GPU per chunk: refused on one GPU),
 # then analysis/bench.py where activations dominate (model=base, batch 32 x 256), float32 and bf16-mixed.
 # Each step prints its last lines; the bench tables and JSON go to out_dir (default gpu_check/).
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu_check}
 mkdir -p "$OUT_DIR"
 LOGS=$(mktemp -d)
-python -c "import torch; print('torch', torch.__version__, '| GPUs:', [torch.cuda.get_device_name(i) for i in \
+"${PYTHON:-python}" -c "import torch; print('torch', torch.__version__, '| GPUs:', [torch.cuda.get_device_name(i) for i in \
 range(torch.cuda.device_count())])"
 step() {  # step <name> <timeout s> <command...>: run it, print its end and its exit status
     local name=$1 limit=$2; shift 2
@@ -21,14 +21,14 @@ step() {  # step <name> <timeout s> <command...>: run it, print its end and its 
     echo "== $name: exit $rc in $((SECONDS - start)) s"
 }
 COMMON=(trainer.max_steps=200 trainer.enable_progress_bar=false "paths.log_dir=$LOGS")
-step gpu_bf16 90 python run.py trainer=gpu "${COMMON[@]}"
-step gpu_bf16_sequential 90 python run.py trainer=gpu mode=sequential "${COMMON[@]}"
-step ddp 90 python run.py trainer=ddp "${COMMON[@]}"
-step pipeline_nccl 60 python run.py trainer=gpu mode=pipeline chunks=2 pipeline.backend=nccl "${COMMON[@]}"
-step bench_fp32 240 python analysis/bench.py --device cuda --setting activations --modes joint sequential \
+step gpu_bf16 90 "${PYTHON:-python}" run.py trainer=gpu "${COMMON[@]}"
+step gpu_bf16_sequential 90 "${PYTHON:-python}" run.py trainer=gpu mode=sequential "${COMMON[@]}"
+step ddp 90 "${PYTHON:-python}" run.py trainer=ddp "${COMMON[@]}"
+step pipeline_nccl 60 "${PYTHON:-python}" run.py trainer=gpu mode=pipeline chunks=2 pipeline.backend=nccl "${COMMON[@]}"
+step bench_fp32 240 "${PYTHON:-python}" analysis/bench.py --device cuda --setting activations --modes joint sequential \
     --chunks 1 4 --steps 20 --warmup 3 --out "$OUT_DIR/bench_gpu_fp32.json"
 sed -n '/^| mode/,$p' "$OUT_DIR/bench_fp32.log"
-step bench_bf16 200 python analysis/bench.py --device cuda --setting activations --modes sequential --chunks 1 4 \
+step bench_bf16 200 "${PYTHON:-python}" analysis/bench.py --device cuda --setting activations --modes sequential --chunks 1 4 \
     --steps 20 --warmup 3 --set trainer.precision=bf16-mixed --out "$OUT_DIR/bench_gpu_bf16.json"
 sed -n '/^| mode/,$p' "$OUT_DIR/bench_bf16.log"
 rm -rf "$LOGS"
