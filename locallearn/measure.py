@@ -27,6 +27,7 @@ import torch
 from locallearn.build import make_method, quiet_lightning
 from locallearn.config import compose_run_config, instantiate
 from locallearn.model.chunked import make_net
+from locallearn.pipeline.worker import autocast
 from locallearn.train import build
 from locallearn.training.memory import SavedTensorMeter, metered
 from locallearn.training.update import joint_backward, sequential_backward, update
@@ -121,7 +122,8 @@ def bare_loop(overrides: list[str], total_steps: int, threads: int | None = None
         backward_pass = module.backward_pass(prepared)
         if i == int(module.method.sends):  # the first step (with a method, the second: the first has no message)
             backward_pass = metered(backward_pass, net.parameters(), peaks.append)
-        update(opt, net, range(len(net)), backward_pass, i, module.grad_clip, sched)
+        with autocast(cfg.trainer.precision, device):  # bf16-mixed as Lightning runs it
+            update(opt, net, range(len(net)), backward_pass, i, module.grad_clip, sched)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return peaks[0] if peaks else None

@@ -7,7 +7,6 @@ import torch.distributed as dist
 
 from locallearn.errors import ConfigError
 
-
 # What a pipeline's chunk processes reproduce of Lightning's precision plugins (locallearn/pipeline/worker.py).
 PIPELINE_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16")
 
