@@ -17,6 +17,7 @@ These checks run in :class:`RunDirectory`, a Hydra callback (conf/hydra/default.
 """
 
 import fcntl
+import logging
 import os
 import sys
 from pathlib import Path
@@ -178,6 +179,16 @@ def _ddp_child(config: DictConfig) -> bool:
 TABLES = {"config": RUN, "probing": PROBING, "lr_range_test": {**RUN, **LR_RANGE}}
 
 
+def quiet_sweep_plugins(sweeper_target: str) -> None:
+    """Keep a sweep's log to the sweep: alembic's plugin setup lines (optuna's database layer) and optuna's own INFO
+    (it resets its logger's level when imported, so its verbosity is set through its API)."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    if "optuna" in sweeper_target:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 class RunDirectory(Callback):
     """Hydra callback: claim a fresh run or sweep directory, or accept a continuation, before anything is written."""
 
@@ -197,6 +208,7 @@ class RunDirectory(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if config.get("resume"):
             _refuse("resume= continues one run, not a sweep; drop -m.")
+        quiet_sweep_plugins(str(config.hydra.sweeper.get("_target_", "")))
         path = _claim(config, "hydra.sweep.dir")
         _set(config, "hydra.sweep.dir", path)
         # Every job's config is composed again from these overrides (Hydra's load_sweep_config): pin the directory.
