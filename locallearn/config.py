@@ -1,7 +1,9 @@
 """OmegaConf resolvers used by ``conf/`` (registered when :mod:`locallearn` is imported).
 
-* ``${ll.root:}``: the project root (the folder holding ``run.py`` and ``conf/``), so that log and
-  data paths do not depend on the directory a run is started from.
+* ``${ll.cwd:}``: the directory the command runs in: ``paths.log_dir`` (``./logs`` unless ``LOCALLEARN_LOGS``)
+  and ``paths.data_dir`` are found from it, never from where the package is installed (an installed package has
+  no project folder; a second checkout must not write into the first). ``${ll.root:}``, the checkout's folder,
+  stays for the saved configs of runs made before.
 * ``${ll.tag:${hydra.job.override_dirname}}``: a run's overrides as a folder-name fragment
   ("defaults" when there are none), so that run and sweep directories say what they hold.
 * ``${ll.corpus:<data.name>,<data.path>}``: a text corpus's name as a prefix of run directory names
@@ -18,6 +20,7 @@ checkpoint must share), how two configs differ, and :func:`instantiate`.
 """
 
 import hashlib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,8 +31,8 @@ from omegaconf import OmegaConf
 from locallearn.errors import ConfigError
 from locallearn.names import corpus_name, treebank_name
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = PROJECT_ROOT / "conf"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # a checkout's folder (run.py, tests/, analysis/)
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package; conf/ in a checkout links here
 
 
 def _tag(overrides: str | None) -> str:
@@ -50,6 +53,7 @@ def _treebank(task, treebank) -> str:
 
 
 def register_resolvers():
+    OmegaConf.register_new_resolver("ll.cwd", lambda: os.getcwd(), replace=True)
     OmegaConf.register_new_resolver("ll.root", lambda: str(PROJECT_ROOT), replace=True)
     OmegaConf.register_new_resolver("ll.tag", _tag, replace=True)
     OmegaConf.register_new_resolver("ll.sweep_tag", _tag, use_cache=True, replace=True)

@@ -150,7 +150,7 @@ RUN: dict[str, Spec] = {
     "logger.tensorboard.version": Free("a folder name"),
     "logger.tensorboard.default_hp_metric": Flag(),
     # paths
-    "paths.root_dir": Free("the project folder, found by the package"),
+    "paths.root_dir": Free("the directory the command runs in"),
     "paths.data_dir": Free("checked where it is read, through data.path or treebank"),
     "paths.log_dir": Free("checked by the run-directory callback: it must be writable"),
     "paths.output_dir": Free("set by Hydra"),
