@@ -22,7 +22,7 @@ import torch
 from locallearn.atomic import write_text
 from locallearn.build import quiet_lightning
 from locallearn.config import PROJECT_ROOT, compose_run_config
-from locallearn.train import build
+from locallearn.runner import build
 
 DATA = ["synthetic", "mqar", "induction", "khop"]
 

@@ -27,7 +27,7 @@ from locallearn.checks import LR_RANGE, check_config
 from locallearn.cli import prepare_command_line
 from locallearn.errors import ConfigError
 from locallearn.rundir import save_hydra_files
-from locallearn.train import build
+from locallearn.runner import build
 from locallearn.training.lr_range_test import RangeSettings, run
 
 log = logging.getLogger("locallearn.training.lr_range_test")

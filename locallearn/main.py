@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def job(cfg: DictConfig) -> float | None:
-    from locallearn.train import record_config_error, train  # here: --help and bad options need no Lightning
+    from locallearn.runner import record_config_error, train  # here: --help and bad options need no Lightning
 
     try:
         summary = train(cfg)

@@ -28,7 +28,7 @@ from locallearn.build import make_method, quiet_lightning
 from locallearn.config import compose_run_config, instantiate
 from locallearn.model.chunked import make_net
 from locallearn.pipeline.worker import autocast
-from locallearn.train import build
+from locallearn.runner import build
 from locallearn.training.memory import SavedTensorMeter, metered
 from locallearn.training.update import joint_backward, sequential_backward, update
 

@@ -21,7 +21,7 @@ from locallearn.checks import LR_RANGE, PROBING, RUN, Free, check_config
 from locallearn.cli import check_overrides
 from locallearn.config import CONF_DIR, PROJECT_ROOT
 from locallearn.errors import ConfigError
-from locallearn.train import build
+from locallearn.runner import build
 
 # Groups whose option files hold settings of the run config (experiment, variant and hparams_search only set
 # values of these keys or Hydra's own; hydra and probe belong to Hydra and the probing config).

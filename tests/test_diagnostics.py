@@ -22,7 +22,7 @@ from locallearn.analysis.detectors import (
 from locallearn.analysis.diagnose import Context, diagnose
 from locallearn.config import PROJECT_ROOT
 from locallearn.errors import ConfigError
-from locallearn.train import build, train
+from locallearn.runner import build, train
 from tests.conftest import TINY
 
 STEPS = np.arange(2000)

@@ -9,7 +9,7 @@ import pytest
 
 from locallearn.config import PROJECT_ROOT
 from locallearn.errors import ConfigError
-from locallearn.train import build, train
+from locallearn.runner import build, train
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from locallearn.train import build
+from locallearn.runner import build
 from tests.conftest import CONF_DIR
 
 

@@ -7,7 +7,7 @@ import torch
 from locallearn.errors import ConfigError
 from locallearn.pipeline import limits
 from locallearn.pipeline.worker import autocast
-from locallearn.train import build, train
+from locallearn.runner import build, train
 from tests.test_pipeline import assert_same_state, checkpoint
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

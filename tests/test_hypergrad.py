@@ -7,7 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from locallearn.errors import ConfigError
-from locallearn.train import build, train
+from locallearn.runner import build, train
 from locallearn.training.hypergrad import HypergradientLR
 
 A = torch.tensor([1.0, 4.0])  # f(x) = 1/2 sum A x^2: curvatures 1 and 4, stable for SGD below lr = 2/4

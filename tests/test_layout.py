@@ -19,8 +19,9 @@ LAYERS = [
     ("locallearn.pipeline",),
     ("locallearn.checks",),
     ("locallearn.cli", "locallearn.rundir"),
-    ("locallearn.train",),
-    ("locallearn.measure", "locallearn.probing", "locallearn.evaluate"),
+    ("locallearn.runner",),
+    ("locallearn.measure", "locallearn.probing", "locallearn.evaluate", "locallearn.main", "locallearn.api",
+     "locallearn.__main__"),
 ]
 
 

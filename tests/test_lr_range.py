@@ -11,7 +11,7 @@ import pytest
 
 from locallearn.config import PROJECT_ROOT
 from locallearn.errors import ConfigError
-from locallearn.train import build
+from locallearn.runner import build
 from locallearn.training.lr_range_test import SMOOTH_FRACTION, RangeSettings, run
 from tests.conftest import TINY, tiny_overrides
 

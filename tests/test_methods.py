@@ -13,7 +13,7 @@ from locallearn.build import make_method
 from locallearn.config import instantiate
 from locallearn.errors import ConfigError
 from locallearn.model.chunked import make_net
-from locallearn.train import train
+from locallearn.runner import train
 from locallearn.training.callbacks import CHARTS
 from locallearn.training.methods import DelayedGradients, SyntheticGradients
 from locallearn.training.update import joint_backward, sequential_backward

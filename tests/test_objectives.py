@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from locallearn.errors import ConfigError
 from locallearn.model.gpt import GPTConfig
 from locallearn.model.objectives import IGNORE, CausalLM, MaskedLM, Prepared, SpanMasking, span_lengths
-from locallearn.train import build, train
+from locallearn.runner import build, train
 from locallearn.training.callbacks import CHARTS
 
 V = 50

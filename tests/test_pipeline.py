@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from locallearn.config import PROJECT_ROOT
 from locallearn.errors import ConfigError
-from locallearn.train import build, train
+from locallearn.runner import build, train
 from tests.conftest import TINY
 
 

@@ -29,7 +29,7 @@ from locallearn.probing.probes import LinearProbe, MLPProbe, ScikitLearnLinearPr
 from locallearn.probing.report import probe_runs
 from locallearn.probing.runs import variant_of
 from locallearn.probing.tasks import SYNTHETIC_TASKS, synthetic_task
-from locallearn.train import train
+from locallearn.runner import train
 from tests.conftest import CONF_DIR, SHARED_DATA
 
 CONLLU = """\

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from locallearn.config import PROJECT_ROOT
-from locallearn.train import train
+from locallearn.runner import train
 
 
 def scalars(run_dir: Path, tag: str) -> dict[int, float]:

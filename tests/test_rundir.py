@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from locallearn.config import PROJECT_ROOT
 from locallearn.errors import ConfigError, TrainingDiverged
 from locallearn.rundir import RunDirectory, claim_fresh, lock
-from locallearn.train import build, train
+from locallearn.runner import build, train
 
 
 def snapshot(directory: Path) -> dict:

@@ -8,7 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from locallearn.errors import ConfigError
-from locallearn.train import build, train
+from locallearn.runner import build, train
 from locallearn.training import schedules
 
 PEAKS = [1e-3, 3e-3]  # two chunks with their own learning rates

@@ -9,7 +9,7 @@ import torch
 from locallearn.data.tasks import FILL, IGNORE_LABEL, SEP, AssociativeRecall, Induction, KHop
 from locallearn.errors import ConfigError
 from locallearn.model.objectives import IGNORE, CausalLM, MaskedLM, Prepared, answer_scores
-from locallearn.train import build, train
+from locallearn.runner import build, train
 
 # Task sizes that fit model=tiny's windows of 17 tokens.
 TINY_TASKS = {

@@ -24,7 +24,7 @@ from locallearn.names import treebank_name
 from locallearn.probing.features import load_run, word_pieces
 from locallearn.probing.report import probe_runs
 from locallearn.probing.tasks import Split, treebank_files, ud_task
-from locallearn.train import build, saved_tokenizer, train
+from locallearn.runner import build, saved_tokenizer, train
 from tests.conftest import CONF_DIR, compose_config
 
 TEXT = "Où est la café? Naïve façade — 'déjà vu'.\nThe quick brown fox jumps over the lazy dog's 12 bones.\n" * 20
@@ -174,7 +174,7 @@ def test_a_bpe_run_reports_bits_per_character_and_saves_its_tokenizer(bpe_run, c
 
 def test_a_text_run_ends_with_its_bits_per_character(corpus, tmp_path, caplog):
     cfg = compose_config(tmp_path / "run", "data=text", f"data.path={corpus / 'toytext.txt'}", "trainer.max_steps=3")
-    with caplog.at_level("INFO", logger="locallearn.train"):
+    with caplog.at_level("INFO", logger="locallearn.runner"):
         summary = train(cfg)
     line = next(r.getMessage() for r in caplog.records if "bits per character" in r.getMessage())
     assert line == "final val bits per character: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["val_bpc"].items())

@@ -9,7 +9,7 @@ import torch
 
 from locallearn.build import quiet_lightning
 from locallearn.model.gpt import GPT
-from locallearn.train import build
+from locallearn.runner import build
 from locallearn.training.schedules import warmup_cosine
 
 quiet_lightning()

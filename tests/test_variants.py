@@ -19,7 +19,7 @@ from locallearn.model.gpt import GPT, GPTConfig
 from locallearn.model.heads import LinearHead
 from locallearn.model.objectives import IGNORE
 from locallearn.model.plan import ChunkPlan
-from locallearn.train import build, train
+from locallearn.runner import build, train
 from locallearn.training.switch import EWC, FisherDiagonal, chunk_token_terms, earlier_chunk_params
 from locallearn.training.update import clip_gradients
 
