@@ -164,6 +164,8 @@ def run_command(command: str, ws: Workspace) -> str:
         argv = [sys.executable, "run.py", *argv[2:], "trainer.max_steps=8"]  # the run's own overrides are tiny
     elif argv[:2] == ["python", "run.py"]:
         args = argv[2:]
+        if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None:  # Ray is an optional extra
+            args = [a for a in args if a != "hydra/launcher=ray"]  # the same sweep, basic launcher
         if "trainer=gpu" in args or "model=base" in args or "hydra/launcher=slurm" in args:  # no GPU, no cluster:
             args = [a for a in args if a != "-m"] + ["--cfg", "all"]  # the checks and the composed config only
         argv = [sys.executable, "run.py", *tiny(args), f"paths.log_dir={ws.logs}"]
