@@ -15,7 +15,7 @@ activation saving hardly shows in the process's memory (docs/benchmarks.md measu
 """
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 import os
 
@@ -58,13 +58,12 @@ def thread_count(threads: int | None) -> int:
     return max(1, available_cores() // parallel_jobs())
 
 
+@functools.cache  # a setting of the whole process: once is enough, however many runs it builds
 def release_memory() -> bool:
     """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` (see the module); False where the C library is not
     glibc (macOS, musl) and nothing was changed."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded into this process: no search for it
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
