@@ -32,6 +32,7 @@ NOT_RUN = {
     "python analysis/bench.py": "a fresh process per configuration (minutes); its arguments are parsed here and "
                                 "tests/test_pipeline.py runs it on the tiny model (-m slow)",
     "python analysis/probe_bench.py": "three whole probe analyses; tests/test_probing.py runs it on tiny runs",
+    "python -m locallearn": "the installed entry point: tests/test_install.py runs it from a wheel in a fresh venv",
 }
 
 
