@@ -30,7 +30,7 @@ def check_group_choices(overrides: list[str], conf_dir: Path = CONF_DIR) -> None
     first, on the plain ``group=a,b`` forms (sweep functions such as ``choice(...)`` are left to Hydra).
     """
     for arg in overrides:
-        m = re.fullmatch(r"\+{0,2}(\w+)=([^()\[\]{}$*]*)", arg)
+        m = re.fullmatch(r"\+{0,2}(\w+)=\[?([^()\[\]{}$*]*)\]?", arg)  # a list selects several: logger=[a,b]
         if not m or not (conf_dir / m.group(1)).is_dir():
             continue
         group, values = m.groups()
@@ -97,7 +97,9 @@ def check_overrides(argv: list[str], config_name: str = "config", conf_dir: Path
     settings = [x for x in args if x[1].split(".")[0] not in ("hydra",) and x[1] not in groups]
     if not settings:
         return
-    choices = [f"{key}={value[1:].split(',')[0]}" for prefix, key, value, _ in args if key in groups and value]
+    # a sweep's first option (model=tiny,small -> model=tiny); a list of options (logger=[tensorboard,csv]) as it is
+    choices = [f"{key}={value[1:] if value.startswith('=[') else value[1:].split(',')[0]}"
+               for prefix, key, value, _ in args if key in groups and value]
     cfg = _compose_quietly(config_name, choices, conf_dir)
     if cfg is None:  # let Hydra report whatever stops the composition
         return

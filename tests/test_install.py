@@ -8,6 +8,7 @@ dependencies (a ``.pth`` line) rather than downloading them: the wheel itself is
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,9 +21,14 @@ RUN = ["model=tiny", "data=synthetic", "data.n_train_tokens=20000", "data.n_val_
 
 
 def test_the_wheel_trains_from_any_directory(tmp_path):
+    # Built from a copy of the sources: a build writes build/ and *.egg-info beside them, never into the checkout.
+    source = tmp_path / "source"
+    shutil.copytree(PROJECT_ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", ".whl", "logs", "build", "*.egg-info", "__pycache__", "*.json"))
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]  # offline if it can
+    clean = {k: v for k, v in os.environ.items() if k not in ("LOCALLEARN_LOGS", "PYTHONPATH")}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(tmp_path / "dist"),
-                    str(PROJECT_ROOT)], check=True, capture_output=True)
+                    str(source)], check=True, capture_output=True, env=clean)
     (wheel,) = (tmp_path / "dist").glob("locallearn-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -30,14 +36,16 @@ def test_the_wheel_trains_from_any_directory(tmp_path):
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
     (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch, lightning, hydra ...
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
+    # --ignore-installed: this environment's own (editable) locallearn is visible through the borrowed path
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
+                   check=True, env=clean)
     installed = site / "locallearn"
     assert (installed / "conf" / "config.yaml").is_file() and (installed / "conf" / "experiment").is_dir()
     before = sorted(p for p in installed.rglob("*") if "__pycache__" not in p.parts)
 
     work = tmp_path / "work"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCALLEARN_LOGS", "PYTHONPATH")}
+    env = clean
     train = subprocess.run([str(venv / "bin" / "locallearn-train"), *RUN], cwd=work, env=env, capture_output=True,
                            text=True, timeout=300)
     assert train.returncode == 0, train.stderr[-3000:]

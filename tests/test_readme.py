@@ -33,6 +33,19 @@ NOT_RUN = {
                                 "tests/test_pipeline.py runs it on the tiny model (-m slow)",
     "python analysis/probe_bench.py": "three whole probe analyses; tests/test_probing.py runs it on tiny runs",
     "python -m locallearn": "the installed entry point: tests/test_install.py runs it from a wheel in a fresh venv",
+    "python analysis/sweep_timing.py": "three sweeps of six jobs (minutes); tests/test_sweeps.py runs it on tiny "
+                                       "sweeps (-m slow)",
+}
+
+# Overrides that change how a run is shown or spread over processes, not what it trains: a command that differs
+# from an earlier one only by these (or by the order of its overrides) is that command again, and is not rerun.
+PRESENTATION = ("trainer.enable_progress_bar=", "hydra.launcher.n_jobs=")
+
+# Real processes per chunk or per data-parallel rank cost seconds each; tests/test_pipeline.py (torchrun) and
+# tests/test_rundir.py, tests/test_pipeline.py (trainer=ddp) run them. Here their commands are composed and checked.
+COMPOSED_ONLY = {
+    "torchrun": "tests/test_pipeline.py::test_torchrun_starts_one_process_per_chunk",
+    "trainer=ddp": "tests/test_pipeline.py::test_ddp_with_two_processes_matches_one_process_with_the_combined_batch",
 }
 
 
@@ -46,6 +59,14 @@ def readme_commands() -> list[str]:
     commands += [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)]
     commands = [c for c in commands if re.match(r"(python3? |torchrun |tensorboard |bash )", c)]
     return list(dict.fromkeys(commands))
+
+
+def same_run(command: str) -> tuple:
+    """What a command runs, whatever the order of its overrides and its presentation-only overrides."""
+    argv = shlex.split(command)
+    script = [a for a in argv if not re.fullmatch(r"[\w./+~-]+=.*", a) or a.startswith("--")]
+    overrides = sorted(a for a in argv if a not in script and not a.startswith(PRESENTATION))
+    return tuple(script), tuple(overrides)
 
 
 def _data_target(args: list[str]) -> str:
@@ -157,17 +178,17 @@ def run_command(command: str, ws: Workspace) -> str:
     argv = shlex.split(ws.fill(command))
     if argv[0] == "tensorboard":
         argv = [str(Path(sys.executable).parent / "tensorboard"), "--logdir", str(ws.logs), "--inspect"]
-    elif argv[0] == "torchrun":
+    elif argv[0] == "torchrun":  # COMPOSED_ONLY: the run.py command line torchrun would start, composed
         args = argv[argv.index("run.py") + 1:]
-        argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:argv.index("run.py") + 1], *tiny(args),
-                f"paths.log_dir={ws.logs}"]
+        argv = [sys.executable, "run.py", *tiny(args), f"paths.log_dir={ws.logs}", "--cfg", "all"]
     elif argv[:2] == ["python", "run.py"] and any(a.startswith("resume=") for a in argv):
         argv = [sys.executable, "run.py", *argv[2:], "trainer.max_steps=8"]  # the run's own overrides are tiny
     elif argv[:2] == ["python", "run.py"]:
         args = argv[2:]
         if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None:  # Ray is an optional extra
             args = [a for a in args if a != "hydra/launcher=ray"]  # the same sweep, basic launcher
-        if "trainer=gpu" in args or "model=base" in args or "hydra/launcher=slurm" in args:  # no GPU, no cluster:
+        if ("trainer=gpu" in args or "model=base" in args or "hydra/launcher=slurm" in args  # no GPU, no cluster
+                or any(marker in args for marker in COMPOSED_ONLY)):
             args = [a for a in args if a != "-m"] + ["--cfg", "all"]  # the checks and the composed config only
         argv = [sys.executable, "run.py", *tiny(args), f"paths.log_dir={ws.logs}"]
     elif argv[:2] in (["python", "analysis/lr_range_test.py"], ["python", "analysis/probe.py"]):
@@ -181,7 +202,7 @@ def run_command(command: str, ws: Workspace) -> str:
         argv = [sys.executable, *argv[1:]]
     else:
         raise AssertionError(f"no way to run this README command: {command}")
-    separate = argv[1] == "-m" or "trainer=ddp" in argv or "tensorboard" in argv[0]  # torchrun, DDP, a server
+    separate = argv[1] == "-m" or "tensorboard" in argv[0]  # a server
     if separate or argv[0] != sys.executable:
         _run(argv, timeout=600)
     else:
@@ -200,7 +221,11 @@ def test_every_command_in_the_readme_runs(tmp_path):
     assert any("resume=" in c for c in commands) and len(commands) > 20
     ws = Workspace(tmp_path)
     skipped = {c: why for c in commands for start, why in NOT_RUN.items() if c.startswith(start)}
-    to_run = sorted((c for c in commands if c not in skipped), key=_order)
+    runs = {}
+    for c in commands:
+        if c not in skipped:
+            runs.setdefault(same_run(c), c)
+    to_run = sorted(runs.values(), key=_order)
     ran = []
     for c in to_run:
         t0 = time.perf_counter()

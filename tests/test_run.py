@@ -10,6 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
+from test_dashboards import DEFINING, hparams_table
 
 from locallearn.config import PROJECT_ROOT
 from locallearn.runner import train
@@ -57,6 +58,8 @@ def test_run_writes_summary_events_checkpoints_and_vocab(make_cfg):
         matching = [title for title, regexes in charts.items() if any(re.match(r, tag) for r in regexes)]
         per_chunk = re.match(r"^(train|val)/.*/chunk\d+$", tag) is not None
         assert len(matching) == int(per_chunk), (tag, matching)
+    for title, regexes in charts.items():  # and no empty chart
+        assert any(re.match(r, tag) for r in regexes for tag in tags), title
     assert len(scalars(out, "train/loss/chunk2")) == 6
 
 
@@ -107,16 +110,20 @@ def test_shakespeare_preset_reads_the_shared_corpus(make_cfg):
 
 
 def test_multirun_from_the_command_line(tmp_path):
-    cmd = [sys.executable, "run.py", "-m", "chunks=1,2", "model=tiny", "data=synthetic", "data.n_train_tokens=20000",
+    cmd = [sys.executable, "run.py", "-m", "chunks=1,2,4", "model=tiny", "data=synthetic", "data.n_train_tokens=20000",
            "data.n_val_tokens=4000", "data.val_windows=16", "trainer.max_steps=4", "trainer.val_check_interval=2",
            "schedule.warmup_steps=1", "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}"]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (sweep,) = (tmp_path / "multiruns").iterdir()
-    assert "chunks=1,2" in sweep.name
+    assert "chunks=1,2,4" in sweep.name
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert [j.name.split("_", 1)[0] for j in jobs] == ["0", "1"]
-    for job, k in zip(jobs, (1, 2)):
+    assert [j.name.split("_", 1)[0] for j in jobs] == ["0", "1", "2"]
+    # TensorBoard's HParams tab on the sweep: every chunk of every job, and the choices that define each
+    columns, metrics, sessions = hparams_table(sweep)
+    assert {f"hparams/val_loss/chunk{k}" for k in (1, 2, 3, 4)} <= metrics and DEFINING <= columns
+    assert sorted(h["chunks"].number_value for h in sessions.values()) == [1, 2, 4]
+    for job, k in zip(jobs, (1, 2, 4)):
         assert f"chunks={k}" in job.name
         summary = json.loads((job / "summary.json").read_text())
         assert summary["chunks"] == k and summary["steps"] == 4

@@ -81,3 +81,16 @@ def test_ray_launcher_runs_a_local_sweep(tmp_path):
     summaries = sorted((tmp_path / "multiruns").glob("*/*/summary.json"))
     assert [json.loads(p.read_text())["chunks"] for p in summaries] == [1, 2]
     assert all(json.loads(p.read_text())["status"] == "finished" for p in summaries)
+
+
+@pytest.mark.slow
+def test_sweep_timing_times_one_sweep_three_ways(tmp_path):
+    out = tmp_path / "timing.json"
+    proc = subprocess.run([sys.executable, "analysis/sweep_timing.py", "--jobs", "2", "--out", str(out), "--set",
+                           "model=tiny", "trainer.max_steps=6", "trainer.val_check_interval=6",
+                           "data.n_train_tokens=20000", "data.n_val_tokens=4000"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 3 and [(r["jobs"], r["finished"]) for r in rows[:2]] == [(6, 6), (6, 6)]
+    assert "| one after another (basic launcher) | 6/6 |" in proc.stdout

@@ -167,7 +167,9 @@ def test_a_bpe_run_reports_bits_per_character_and_saves_its_tokenizer(bpe_run, c
     assert last == pytest.approx(summary["val_bpc"]["chunk2"], rel=1e-5)
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    content = acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    session = EventAccumulator(str(out / "tb" / "hparams"))  # the HParams session, beside the curves
+    session.Reload()
+    content = session.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
     hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
     assert hparams["data.corpus"].string_value == "toytext" and hparams["data.tokenizer"].string_value == "bpe-48"
 

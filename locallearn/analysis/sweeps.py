@@ -6,6 +6,7 @@ finds a group's end-to-end reference. The reports (:mod:`.compare`, :mod:`.depth
 :mod:`.curve_fit`) and the probing read runs through it.
 """
 
+import csv
 import json
 import math
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from locallearn.config import under, upgrade_override
 from locallearn.errors import ConfigError
 
 # Overrides that do not change what a run computes (or are the seed itself): not part of a group's identity.
-IGNORED = ("seed", "trainer.enable_progress_bar", "ckpt_path", "paths", "hydra")
+IGNORED = ("seed", "trainer.enable_progress_bar", "ckpt_path", "paths", "hydra", "logger")
 # Overrides that say how a model is cut into chunks: the matching end-to-end group differs in these only.
 LOCAL_KEYS = ("chunks", "boundaries", "overlap", "interlock", "method", "head", "loss_weights", "switch", "mode",
               "variant")
@@ -95,15 +96,24 @@ def read_run(run_dir: Path) -> RunRecord:
 
 
 def read_curves(run_dir: Path, tags=("val/loss",)) -> dict[str, list[tuple[int, float]]]:
-    """Tag -> (step, value) of scalars in the run's TensorBoard events (empty for a tag the run never logged)."""
+    """Tag -> (step, value) of scalars in the run's TensorBoard events, or in its ``csv/metrics.csv`` where it
+    logged with ``logger=csv`` only (empty for a tag the run never logged)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     points = {tag: {} for tag in tags}
-    for events in sorted((run_dir / "tb").rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    events = sorted((run_dir / "tb").rglob("events.out.tfevents.*"))
+    for path in events:
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in set(tags) & set(acc.Tags().get("scalars", [])):
             points[tag].update({e.step: e.value for e in acc.Scalars(tag)})  # a resumed run: later files win
+    table = run_dir / "csv" / "metrics.csv"
+    if not events and table.is_file():  # a run logged with logger=csv only
+        with table.open(newline="") as f:
+            for row in csv.DictReader(f):
+                for tag in tags:
+                    if row.get(tag) not in (None, ""):
+                        points[tag][int(row["step"])] = float(row[tag])
     return {tag: sorted(p.items()) for tag, p in points.items()}
 
 

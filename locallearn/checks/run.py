@@ -1,6 +1,7 @@
 """The run config's checks, once, before anything is read or built: each value in its range (the RUN table),
 then the checks that need several values at once."""
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ def check_run(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file to resume from.")
     _check_schedule(cfg)
     _check_accelerator(cfg)
+    _check_loggers(cfg)
     strategy.check(cfg)  # what the execution mode cannot run (mode=pipeline: overlap, the switch ...)
     ddp = cfg.trainer.get("strategy")
     if isinstance(ddp, str) and ddp.startswith("ddp"):
@@ -69,6 +71,20 @@ def _check_method(cfg: DictConfig):
     if cfg.get("switch", {}).get("at") is not None:
         raise ConfigError(f"method={name} sends gradients back across the cut, and switch.at={cfg.switch.at} removes "
                           f"the cut after the switch; use one of them: switch.at=null or method=local.")
+
+
+# Lightning loggers whose class imports but whose package is not a dependency (the class fails when built).
+LOGGER_PACKAGES = {"WandbLogger": "wandb", "MLFlowLogger": "mlflow", "CometLogger": "comet_ml",
+                   "NeptuneLogger": "neptune"}
+
+
+def _check_loggers(cfg: DictConfig):
+    for name, node in (cfg.get("logger") or {}).items():
+        module, _, cls = str(node.get("_target_", "")).rpartition(".")
+        package = LOGGER_PACKAGES.get(cls) or module.split(".")[0]
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"logger={name} needs the {package} package, which is not installed; pip install "
+                              f"{package} (docs/running.md, Loggers), or use logger=tensorboard or logger=csv.")
 
 
 def _check_accelerator(cfg: DictConfig):

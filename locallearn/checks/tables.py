@@ -149,6 +149,16 @@ RUN: dict[str, Spec] = {
     "logger.tensorboard.name": Free("a folder name"),
     "logger.tensorboard.version": Free("a folder name"),
     "logger.tensorboard.default_hp_metric": Flag(),
+    "logger.csv.save_dir": DERIVED, "logger.csv.name": Free("a folder name"),
+    "logger.csv.version": Free("a folder name"), "logger.csv.flush_logs_every_n_steps": POS_INT,
+    # loggers that are not dependencies: their settings are theirs to check (a missing package is refused first)
+    "logger.wandb.save_dir": DERIVED, "logger.wandb.project": Free("a W&B project"),
+    "logger.wandb.name": Free("a W&B run name"), "logger.wandb.group": Free("a W&B group"),
+    "logger.wandb.log_model": Free("false, true or all (W&B's log_model)"),
+    "logger.mlflow.experiment_name": Free("an MLflow experiment"), "logger.mlflow.run_name": Free("an MLflow run name"),
+    "logger.mlflow.tracking_uri": Free("an MLflow tracking URI"), "logger.mlflow.log_model": Free("MLflow's log_model"),
+    "logger.aim.repo": Free("an Aim repository"), "logger.aim.experiment": Free("an Aim experiment"),
+    "callbacks.progress_bar.refresh_rate": POS_INT,
     # paths
     "paths.root_dir": Free("the directory the command runs in"),
     "paths.data_dir": Free("checked where it is read, through data.path or treebank"),

@@ -77,6 +77,7 @@ class LocalLearner(L.LightningModule):
         self.save_hyperparameters({"config": run_config or {}}, logger=False)
         self.metrics = ChunkMetrics(len(net))  # validation, per chunk
         self.final_val: list[float] | None = None  # per chunk, from the latest validation
+        self.logged_tags: set[str] = set()  # the training metrics written so far (TensorBoard charts only these)
         self.final_answers: dict[str, list[float]] | None = None  # {"loss": per chunk, "acc": per chunk}: tasks
         self.best_val: float = math.inf  # last chunk
         self.activation_bytes: int | None = None  # peak bytes saved for backward in one step
@@ -200,8 +201,8 @@ class LocalLearner(L.LightningModule):
         return (step + 1) % n == 0 or step + 1 == self.trainer.max_steps
 
     def log_train(self, metrics: dict[str, float], step: int):
-        """Write training metrics straight to the loggers. (Lightning's ``self.log`` costs about 1.5 ms a call
-        here, several per chunk per step: 12% of a model=small step at K=1, more with more chunks.)"""
+        """Write training metrics straight to the loggers (``self.log`` costs ~1.5 ms a call, 12% of a step)."""
+        self.logged_tags.update(metrics)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
 

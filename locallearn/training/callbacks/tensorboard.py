@@ -1,11 +1,13 @@
 """The TensorBoard layout: every chunk's curve of one metric on one chart, and the run's hyperparameters."""
 
-import math
+import re
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from locallearn.training.chunk_metrics import bpc_divisor
+from locallearn.training.hparams import final_metrics, run_hparams
 
 # One chart per metric, every chunk's curve on it (tags are regular expressions for TensorBoard).
 CHARTS = {
@@ -29,35 +31,58 @@ def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
-class TensorBoardLayout(L.Callback):
-    """Puts every chunk's curve of one metric on one shared chart (TensorBoard's Custom Scalars tab),
-    and logs the hyperparameters with the final metrics at the end of fit (HParams tab)."""
+def charts_for(tags) -> dict[str, str]:
+    """The charts of CHARTS that some of ``tags`` (the metric names a run logged) would fill."""
+    return {title: tag for title, tag in CHARTS.items() if any(re.match(tag, t) for t in tags)}
 
-    def on_fit_start(self, trainer, pl_module):
-        tb = tensorboard_logger(trainer)
-        if tb is None or trainer.global_rank != 0:
-            return
-        tb.experiment.add_custom_scalars({"per chunk": {title: ["Multiline", [tag]] for title, tag in CHARTS.items()}})
+
+def write_session(log_dir: Path, hparams: dict, metrics: dict[str, float], step: int) -> None:
+    """One HParams session in ``log_dir``: the run's hyperparameters, its final metrics, and its end.
+
+    No experiment summary: TensorBoard takes the one of whichever run it reads first and shows only its columns
+    (a 2-chunk run's would hide chunk3 of the others). Without one it builds the table from every session: the
+    union of their hyperparameters, and of the scalars in their session directories (only these metrics, as
+    the curves live one directory up)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    for old in log_dir.glob("events.out.tfevents.*"):  # a resumed run: its session is the one of its last fit
+        old.unlink()
+    _, start, end = hparams_summaries(hparams, metrics)
+    with SummaryWriter(log_dir=str(log_dir)) as writer:
+        writer.file_writer.add_summary(start)
+        for tag, value in metrics.items():
+            writer.add_scalar(tag, value, step)
+        writer.file_writer.add_summary(end)
+
+
+class TensorBoardLayout(L.Callback):
+    """Puts every chunk's curve of one metric on one shared chart (TensorBoard's Custom Scalars tab), for the
+    metrics the run logs, and writes the run's hyperparameters with its final metrics at the end of fit
+    (the HParams tab, in ``tb/hparams``)."""
+
+    def __init__(self):
+        self.layout_written = False
+
+    def on_validation_end(self, trainer, pl_module):
+        # The charts are chosen once the run has logged both kinds of metric: after its first validation
+        # that follows a training log (val_check_interval >= log_every_n_steps, as by default), else at the end.
+        if not trainer.sanity_checking and any(t.startswith("train/") for t in pl_module.logged_tags):
+            self._write_layout(trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module):
+        self._write_layout(trainer, pl_module)
         tb = tensorboard_logger(trainer)
-        if tb is None or pl_module.final_val is None:
+        if tb is None or pl_module.final_val is None or trainer.global_rank != 0:
             return
-        config = pl_module.hparams.config
-        params = {"chunks": len(pl_module.net), "mode": pl_module.mode, "method": pl_module.method.name,
-                  "seed": config.get("seed")}
-        for group in ("model", "optim", "data"):
-            for key, value in (config.get(group) or {}).items():
-                if isinstance(value, (int, float, str, bool)) and not key.startswith("_"):
-                    params[f"{group}.{key}"] = value
-        corpus = getattr(trainer.datamodule, "provenance", None)
-        if corpus:  # the corpus's name and the tokenizer as trained (bpe-1024), not only as asked
-            params["data.corpus"], params["data.tokenizer"] = corpus["name"], corpus["tokenizer"]
-        metrics = {f"hparams/val_loss/chunk{k + 1}": v for k, v in enumerate(pl_module.final_val)}
-        metrics["hparams/best_val_loss"] = pl_module.best_val
-        if (chars := bpc_divisor(pl_module)):
-            for k, v in enumerate(pl_module.final_val):
-                metrics[f"hparams/val_bpc/chunk{k + 1}"] = v / chars / math.log(2)
-        for k, acc in enumerate((pl_module.final_answers or {}).get("acc", [])):
-            metrics[f"hparams/answer_acc/chunk{k + 1}"] = acc
-        tb.log_hyperparams(params, metrics)
+        metrics = final_metrics(pl_module, bpc_divisor(pl_module))
+        write_session(Path(tb.log_dir) / "hparams", run_hparams(pl_module.hparams.config, pl_module, trainer),
+                      metrics, trainer.global_step)
+
+    def _write_layout(self, trainer, pl_module):
+        tb = tensorboard_logger(trainer)
+        if self.layout_written or tb is None or trainer.global_rank != 0:
+            return
+        charts = charts_for(pl_module.logged_tags | set(trainer.callback_metrics))
+        tb.experiment.add_custom_scalars({"per chunk": {title: ["Multiline", [tag]] for title, tag in charts.items()}})
+        self.layout_written = True
