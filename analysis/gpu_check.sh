@@ -2,7 +2,8 @@
 # The GPU paths end to end, on a machine with GPUs (CI has none; tests/test_gpu_readiness.py checks what a CPU can):
 #   bash analysis/gpu_check.sh [out_dir]       (PYTHON=python3 to choose the interpreter)
 # trainer=gpu (bf16-mixed), trainer=ddp, mode=pipeline with NCCL (needs one GPU per chunk: refused on one GPU),
-# then analysis/bench.py where activations dominate (model=base, batch 32 x 256), float32 and bf16-mixed.
+# then analysis/bench.py where activations dominate (model=base, batch 32 x 256), float32, bf16-mixed, and float32
+# with each chunk's head scored in 8 slices of the sequence (loss_slices=8).
 # Each step prints its last lines; the bench tables and JSON go to out_dir (default gpu_check/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,4 +32,7 @@ sed -n '/^| mode/,$p' "$OUT_DIR/bench_fp32.log"
 step bench_bf16 200 "${PYTHON:-python}" analysis/bench.py --device cuda --setting activations --modes sequential --chunks 1 4 \
     --steps 20 --warmup 3 --set trainer.precision=bf16-mixed --out "$OUT_DIR/bench_gpu_bf16.json"
 sed -n '/^| mode/,$p' "$OUT_DIR/bench_bf16.log"
+step bench_fp32_sliced 200 "${PYTHON:-python}" analysis/bench.py --device cuda --setting activations --modes sequential \
+    --chunks 1 4 --steps 20 --warmup 3 --set loss_slices=8 --out "$OUT_DIR/bench_gpu_fp32_sliced.json"
+sed -n '/^| mode/,$p' "$OUT_DIR/bench_fp32_sliced.log"
 rm -rf "$LOGS"

@@ -61,5 +61,8 @@ def quiet_lightning():
     # Batches are slices of an in-memory tensor: worker processes would only add copying.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
+    # Under trainer=ddp the val metrics are torchmetrics sums reduced over every rank before they are logged
+    # (locallearn/training/chunk_metrics.py): each rank logs the same value, which is what sync_dist would make.
+    warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropAdverts())

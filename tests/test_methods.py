@@ -163,8 +163,9 @@ def test_a_chunk_that_does_not_train_sends_no_message_in_any_mode(make_cfg):
     assert "grad" not in checkpoint(seq)["method"][1]
 
 
-@pytest.mark.parametrize("mode", ["sequential", "pipeline"])
-@pytest.mark.parametrize("method", ["synthetic", "delayed"])
+@pytest.mark.parametrize("method, mode", [("synthetic", "sequential"), ("delayed", "sequential"),
+                                          ("delayed", "pipeline"),
+                                          pytest.param("synthetic", "pipeline", marks=pytest.mark.slow)])  # 14 s
 def test_a_run_with_a_method_resumes_exactly(make_cfg, method, mode):
     dropout = ["model.dropout=0.1"] if mode == "sequential" else []
     args = ["chunks=3", f"mode={mode}", f"method={method}", *dropout]

@@ -41,7 +41,8 @@ def assert_same_state(a: dict, b: dict, atol=1e-6):
 TASK = ["data=induction", "data.block_size=16", "data.n_symbols=20", "data.segment=4", "data.n_train=500"]
 
 
-@pytest.mark.parametrize("chunks, extra", [(2, []), (3, []), (4, []), (2, ["objective=span"]), (3, TASK)],
+@pytest.mark.parametrize("chunks, extra", [pytest.param(2, [], marks=pytest.mark.slow), (3, []), (4, []),
+                                           (2, ["objective=span"]), (3, TASK)],  # K=2: 2-span in the default run
                          ids=["2", "3", "4", "2-span", "3-task"])
 def test_pipeline_makes_the_updates_of_sequential(make_cfg, chunks, extra):
     seq = make_cfg(f"chunks={chunks}", "mode=sequential", *extra)
@@ -142,7 +143,9 @@ def test_torchrun_with_the_wrong_number_of_processes_is_refused(make_cfg, monkey
         build(make_cfg("mode=pipeline", "chunks=2"))
 
 
-@pytest.mark.parametrize("mode, objective, method", [("joint", "clm", "local"), ("sequential", "clm", "local"),
+# joint and sequential with clm: the same code paths as with mlm and span masks, so they run with -m slow only
+@pytest.mark.parametrize("mode, objective, method", [pytest.param("joint", "clm", "local", marks=pytest.mark.slow),
+                                                     pytest.param("sequential", "clm", "local", marks=pytest.mark.slow),
                                                      ("joint", "mlm", "local"), ("sequential", "span", "local"),
                                                      ("sequential", "clm", "delayed"), ("joint", "clm", "synthetic")],
                          ids=["joint", "sequential", "joint-mlm", "sequential-span", "delayed", "synthetic"])

@@ -32,6 +32,7 @@ NOT_RUN = {
     "python analysis/bench.py": "a fresh process per configuration (minutes); its arguments are parsed here and "
                                 "tests/test_pipeline.py runs it on the tiny model (-m slow)",
     "python analysis/probe_bench.py": "three whole probe analyses; tests/test_probing.py runs it on tiny runs",
+    "bash analysis/gpu_check.sh": "needs a GPU; tests/test_gpu_readiness.py checks on the CPU what can be checked",
     "python -m locallearn": "the installed entry point: tests/test_install.py runs it from a wheel in a fresh venv",
     "python analysis/sweep_timing.py": "three sweeps of six jobs (minutes); tests/test_sweeps.py runs it on tiny "
                                        "sweeps (-m slow)",
@@ -75,7 +76,7 @@ def _data_target(args: list[str]) -> str:
                and not a.startswith(("+", "-")) and (CONF_DIR / a.split("=")[0]).is_dir()]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", [c.split(",")[0] for c in choices])
+        cfg = compose("config", [c if "=[" in c else c.split(",")[0] for c in choices])  # logger=[a,b] as it is
     return str(cfg.data._target_), str(cfg.schedule._target_)
 
 
@@ -202,7 +203,7 @@ def run_command(command: str, ws: Workspace) -> str:
         argv = [sys.executable, *argv[1:]]
     else:
         raise AssertionError(f"no way to run this README command: {command}")
-    separate = argv[1] == "-m" or "tensorboard" in argv[0]  # a server
+    separate = "tensorboard" in argv[0]  # a server
     if separate or argv[0] != sys.executable:
         _run(argv, timeout=600)
     else:

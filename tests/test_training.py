@@ -2,12 +2,15 @@
 
 import copy
 import math
+import re
 
 import lightning as L
 import pytest
 import torch
 
 from locallearn.build import quiet_lightning
+from locallearn.checks.run import check_run
+from locallearn.errors import ConfigError
 from locallearn.model.gpt import GPT
 from locallearn.runner import build
 from locallearn.training.schedules import warmup_cosine
@@ -55,6 +58,30 @@ def test_joint_and_sequential_reach_the_same_parameters(make_cfg, chunks):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"{name} differs between joint and sequential")
     # and training did move the parameters
     assert joint_losses[-1][-1] < joint_losses[0][-1]
+
+
+@pytest.mark.parametrize("mode,objective", [("sequential", "clm"), ("sequential", "mlm"), ("pipeline", "clm")])
+def test_a_loss_scored_in_slices_makes_the_same_updates_with_fewer_saved_bytes(make_cfg, mode, objective):
+    whole, whole_losses, _ = fit(make_cfg("chunks=2", f"mode={mode}", f"objective={objective}"))
+    # 16 positions in 3 slices of 6, 6 and 4: the last one shorter
+    sliced, sliced_losses, _ = fit(make_cfg("chunks=2", f"mode={mode}", f"objective={objective}", "loss_slices=3"))
+    torch.testing.assert_close(torch.tensor(sliced_losses), torch.tensor(whole_losses), rtol=0, atol=1e-6)
+    for (name, a), b in zip(whole.module.net.named_parameters(), sliced.module.net.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=f"{name} differs when the loss is sliced")
+    saved = [r.module.process_activation_bytes for r in (whole, sliced)]
+    assert all(s < w for w, s in zip(*saved)), saved  # every chunk's process keeps less for backward
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mode=joint"], "loss_slices=4 saves memory where chunks backpropagate one at a time, but mode=joint"),
+    (["mode=sequential", "objective=span"], "objective=span cannot (its span-boundary term reads across them)"),
+    (["mode=sequential", "method=synthetic"], "cannot slice method=synthetic's term on the chunk's whole output"),
+    (["mode=sequential", "loss_slices=17"], "loss_slices=17 exceeds data.block_size=16"),
+])
+def test_what_a_sliced_loss_cannot_run_with_is_refused_in_one_line(make_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
+        check_run(make_cfg(*overrides, *[] if any("loss_slices" in o for o in overrides) else ["loss_slices=4"]))
+    assert "\n" not in str(e.value)
 
 
 def test_one_chunk_is_a_plain_training_loop(make_cfg):

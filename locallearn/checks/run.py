@@ -38,6 +38,7 @@ def check_run(cfg: DictConfig) -> None:
     check_hypergrad_lr(cfg.optim.get("hypergrad_lr"))
     Switch(**cfg.get("switch", {}))
     _check_method(cfg)
+    _check_loss_slices(cfg, objective)
     if cfg.data.block_size < objective.min_block_size:
         raise ConfigError(f"objective={objective.name} needs data.block_size >= {objective.min_block_size} but got "
                           f"data.block_size={cfg.data.block_size}; raise it or use objective=mlm.")
@@ -85,6 +86,25 @@ def _check_loggers(cfg: DictConfig):
         if package and importlib.util.find_spec(package) is None:
             raise ConfigError(f"logger={name} needs the {package} package, which is not installed; pip install "
                               f"{package} (docs/running.md, Loggers), or use logger=tensorboard or logger=csv.")
+
+
+def _check_loss_slices(cfg: DictConfig, objective):
+    slices = cfg.get("loss_slices") or 1
+    if slices == 1:
+        return
+    if cfg.mode == "joint":
+        raise ConfigError(f"loss_slices={slices} saves memory where chunks backpropagate one at a time, but mode=joint "
+                          f"keeps every chunk's graph until one backward; use mode=sequential or drop loss_slices.")
+    if not objective.position_wise:
+        raise ConfigError(f"loss_slices={slices} scores the loss in slices of the sequence, which objective="
+                          f"{objective.name} cannot (its span-boundary term reads across them); use loss_slices=1.")
+    method = cfg.get("method")
+    if method and get_class(method._target_).uses_output:
+        raise ConfigError(f"loss_slices={slices} cannot slice method={get_class(method._target_).name}'s term on "
+                          f"the chunk's whole output; use loss_slices=1.")
+    if slices > cfg.data.block_size:
+        raise ConfigError(f"loss_slices={slices} exceeds data.block_size={cfg.data.block_size} (a slice holds one "
+                          f"position at least); use at most {cfg.data.block_size}.")
 
 
 def _check_accelerator(cfg: DictConfig):

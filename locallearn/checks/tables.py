@@ -36,6 +36,8 @@ RUN: dict[str, Spec] = {
     "method.predictor.attention": Flag(),
     "seed": SEED,
     "compile": Flag(),
+    "loss_slices": Number(1, integer=True, hint="1 scores the whole sequence at once; 4 to 16 cut the heads' share "
+                          "of activation memory"),
     "grad_clip": Number(0, lo_open=True, null=True, hint="it is the max gradient norm per chunk (of the whole model "
                         "in global steps); null disables clipping"),
     "loss_weights": Numbers(Number(0), null=True, hint="one weight per chunk, e.g. loss_weights=[0.5,1]"),

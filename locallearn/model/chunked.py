@@ -52,6 +52,7 @@ class ChunkedGPT(nn.Module):
         self.extra = nn.ModuleList(extras) if extras and all(m is not None for m in extras) else None
         self.predictors = nn.ModuleList(make_predictor(cfg) for _ in plan.chunks[:-1]) if make_predictor else None
         self.local = True  # False in the global phase: gradients cross chunk boundaries
+        self.loss_slices = 1  # a chunk's own backward scores its head in this many slices of the sequence
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -216,6 +217,7 @@ def make_net(cfg: DictConfig, objective, vocab_size: int) -> ChunkedGPT:
     predictor = (cfg.get("method") or {}).get("predictor")
     net = ChunkedGPT(GPT(model_cfg), plan, instantiate(cfg.head), objective.chunk_module,
                      instantiate(predictor) if predictor is not None and plan.chunks[1:] else None)
+    net.loss_slices = int(cfg.get("loss_slices") or 1)
     if cfg.get("compile"):  # the blocks only: the cut, the heads and the losses stay eager, in every mode
         for block in net.gpt.blocks:
             block.compile()

@@ -90,6 +90,7 @@ class CausalLM:
     extra_tokens = 0
     min_block_size = 1  # the shortest window the objective can score
     loss_terms = 1  # cross-entropies the loss sums: its no-context baseline is this x the unigram entropy
+    position_wise = True  # the loss sums over positions, so it can be scored in slices of the sequence (loss_slices)
 
     def __init__(self, causal: bool = True):
         if not causal:
@@ -110,6 +111,14 @@ class CausalLM:
 
     def loss(self, logits, h, prepared: Prepared, module=None):
         return _cross_entropy(logits, prepared.targets)
+
+    def loss_part(self, logits, prepared: Prepared, part: slice):
+        """The share of :meth:`loss` that positions ``part`` of the sequence score, from their (B, t, V) logits:
+        their summed cross-entropy over the whole batch's number of targets, so that the parts add up to it."""
+        targets = prepared.targets[:, part]
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                                reduction="sum")
+        return total / max(int((prepared.targets != IGNORE).sum()), 1)
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -196,6 +205,7 @@ class SpanMasking(MaskedLM):
 
     name = "span"
     loss_terms = 2  # MLM + SBO
+    position_wise = False  # the SBO scores a span's tokens from its boundaries, wherever a slice would cut it
     min_block_size = 3  # a span and an unmasked boundary token on each side
 
     def __init__(self, causal: bool = False, mask_prob: float = 0.15, geometric_p: float = 0.2, max_span: int = 10):

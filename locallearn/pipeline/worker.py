@@ -85,7 +85,7 @@ class ChunkWorker:
             self.messages.handed_on(step)  # and the message of the step before comes in
 
         def backward_pass():
-            loss_fn = lambda k, h, logits: self.module.chunk_loss(k, h, logits, prepared)  # noqa: E731
+            loss_fn = lambda k, h, logits, part=None: self.module.chunk_loss(k, h, logits, prepared, part)  # noqa: E731
             with autocast(self.precision, self.device):
                 _, loss, grad = chunk_backward(self.net, self.k, handoff, loss_fn, torch.Tensor.backward,
                                                self.weight, method, handed_on)

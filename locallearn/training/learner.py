@@ -2,10 +2,10 @@
 
 How a batch becomes per-chunk updates is the strategy's (:mod:`locallearn.training.strategies`); this module never
 branches on the mode. Optimization is manual because ``sequential`` mode needs one backward per chunk. There is one
-optimizer with a decay and a no-decay param group per chunk (tagged ``chunk=k``), so
-``trainer.global_step`` counts batches, each chunk's gradients are clipped on their own (in the
-global phase of a local-to-global switch, the total norm, as end to end), and each chunk can have
-its own learning rate (``optim.chunk_lr``), adapted online if asked (``optim.hypergrad_lr``).
+optimizer with a decay and a no-decay param group per chunk (tagged ``chunk=k``), so ``trainer.global_step`` counts
+batches, each chunk's gradients are clipped on their own (in the global phase of a local-to-global switch, the total
+norm, as end to end), and each chunk can have its own learning rate (``optim.chunk_lr``), adapted online if asked
+(``optim.hypergrad_lr``).
 Manual optimization leaves clipping, the LR scheduler and the hypergradient step to us: every strategy
 calls them through :meth:`LocalLearner.update`, the one chunk update (:func:`locallearn.training.update.update`).
 """
@@ -64,9 +64,7 @@ class LocalLearner(L.LightningModule):
         self.strategy = strategy or Joint()
         self.method = method or Local()
         self.loss_weights = [float(w) for w in loss_weights] if loss_weights is not None else [1.0] * len(net)
-        self.switch = switch or Switch()
-        self.seed = seed
-        self.ewc: EWC | None = None
+        self.switch, self.seed, self.ewc = switch or Switch(), seed, None  # ewc: built at the switch
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.scheduler_factory = scheduler
         self.grad_clip = grad_clip or None
@@ -109,8 +107,10 @@ class LocalLearner(L.LightningModule):
         return at is not None and step >= at
 
     # -- training ---------------------------------------------------------------------------------
-    def chunk_loss(self, k: int, h, logits, prepared) -> torch.Tensor:
-        """Chunk k's local loss on a prepared batch, from its output ``h`` and its head's ``logits``."""
+    def chunk_loss(self, k: int, h, logits, prepared, part: slice | None = None) -> torch.Tensor:
+        """Chunk k's local loss from its output ``h`` and its head's ``logits`` (positions ``part``'s share)."""
+        if part is not None:
+            return self.objective.loss_part(logits, prepared, part)
         extra = self.net.extra[k] if self.net.extra is not None else None
         return self.objective.loss(logits, h, prepared, extra)
 
@@ -156,8 +156,8 @@ class LocalLearner(L.LightningModule):
         # is the combined batch's (the weight is exactly 1 in one process and for clm).
         share = n_local * world / n_targets if n_targets else 1.0
 
-        def loss_fn(k, h, logits):
-            loss = self.chunk_loss(k, h, logits, prepared)
+        def loss_fn(k, h, logits, part=None):
+            loss = self.chunk_loss(k, h, logits, prepared, part)
             return loss if share == 1 else share * loss
 
         global_phase = self.is_global(step)

@@ -42,6 +42,7 @@ class Method:
 
     name = "local"
     sends = False  # whether chunks send their input's gradient back (their cut input is then a leaf)
+    uses_output = False  # whether with_loss reads the chunk's output h (its loss is then scored whole)
 
     def __init__(self, weight: float = 1.0):
         self.weight = float(weight)
@@ -108,6 +109,7 @@ class SyntheticGradients(Method):
 
     name = "synthetic"
     sends = True
+    uses_output = True
 
     def metric_names(self, k, K):
         return [f"train/synthetic/cosine/chunk{k + 1}", f"train/synthetic/norm_ratio/chunk{k + 1}"] if k < K - 1 else []

@@ -43,16 +43,38 @@ def chunk_backward(net: ChunkedGPT, k: int, x, loss_fn: Callable, backward: Call
     sends = method is not None and method.sends
     if method is not None:
         method.start(net, k, x)
-    out, h, logits = net.forward_chunk(k, x, grad_input=sends)
+    sliced = net.loss_slices > 1 and weight and not (method is not None and method.uses_output)
+    out, h, logits = net.forward_chunk(k, x, grad_input=sends, head=not sliced)
     if handed_on is not None:
         handed_on(out)
-    loss = loss_fn(k, h, logits)
     # Backward here frees chunk k's graph before chunk k+1 builds its own.
-    weighted_backward(loss, weight, backward, method.with_loss(net, k, h) if method is not None else None)
+    if sliced:
+        loss = sliced_backward(net, k, h, loss_fn, backward, weight)
+    else:
+        loss = loss_fn(k, h, logits)
+        weighted_backward(loss, weight, backward, method.with_loss(net, k, h) if method is not None else None)
     if method is not None:
         for term in method.apart(net, k):
             backward(term)
     return out, loss.detach(), out["input"].grad if sends and k else None
+
+
+def sliced_backward(net: ChunkedGPT, k: int, h, loss_fn: Callable, backward: Callable, weight: float):
+    """Chunk k's head and loss on ``net.loss_slices`` slices of the sequence, each backpropagated at once into a
+    detached copy of its output ``h``, then ``h``'s gradient through the chunk: the head's activations (its
+    LayerNorm's output, the log-probabilities) are alive for one slice at a time. Returns the loss (the slices'
+    shares add up to it; the gradients are the whole loss's up to float rounding)."""
+    out = h.detach().requires_grad_()
+    T = h.shape[1]
+    width = -(-T // net.loss_slices)
+    loss = 0.0
+    for start in range(0, T, width):
+        part = slice(start, start + width)
+        share = loss_fn(k, out[:, part], net.head(k, out[:, part]), part=part)
+        weighted_backward(share, weight, backward)
+        loss = loss + share.detach()
+    h.backward(out.grad)  # not `backward`: a loss scaler (16-mixed) has scaled the shares' gradients already
+    return loss
 
 
 def joint_backward(net: ChunkedGPT, idx, loss_fn: Callable, backward: Callable, weights: Sequence[float],
