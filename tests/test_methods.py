@@ -120,7 +120,9 @@ def test_joint_and_sequential_make_the_same_gradients_with_a_method(make_cfg, me
                 q.copy_(p)
 
 
-METHODS = [["method=synthetic"], ["method=delayed"], ["method=synthetic", "method.predictor.hidden=0"]]
+# the linear predictor runs the same code paths as the MLP one: with -m slow only
+METHODS = [["method=synthetic"], ["method=delayed"],
+           pytest.param(["method=synthetic", "method.predictor.hidden=0"], marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("method", METHODS, ids=["synthetic", "delayed", "synthetic-linear"])

@@ -41,8 +41,9 @@ def assert_same_state(a: dict, b: dict, atol=1e-6):
 TASK = ["data=induction", "data.block_size=16", "data.n_symbols=20", "data.segment=4", "data.n_train=500"]
 
 
-@pytest.mark.parametrize("chunks, extra", [pytest.param(2, [], marks=pytest.mark.slow), (3, []), (4, []),
-                                           (2, ["objective=span"]), (3, TASK)],  # K=2: 2-span in the default run
+@pytest.mark.parametrize("chunks, extra", [pytest.param(2, [], marks=pytest.mark.slow),
+                                           pytest.param(3, [], marks=pytest.mark.slow), (4, []),
+                                           (2, ["objective=span"]), (3, TASK)],  # K=2, 3: 2-span, 3-task by default
                          ids=["2", "3", "4", "2-span", "3-task"])
 def test_pipeline_makes_the_updates_of_sequential(make_cfg, chunks, extra):
     seq = make_cfg(f"chunks={chunks}", "mode=sequential", *extra)

@@ -1,6 +1,7 @@
 """Text corpora as a language-model researcher uses them: tokenizers (char, bpe, word), validation and test files,
 bits per character, evaluation of a trained run, probes on any UD treebank, and where runs say what they read."""
 
+import importlib.util
 import json
 import math
 import random
@@ -240,7 +241,7 @@ def test_evaluate_gives_exact_bits_per_character_of_a_test_file(bpe_run, corpus)
     assert ev.loss[-1] == pytest.approx(nll / ev.tokens, rel=1e-5)
 
 
-def test_evaluate_cli_writes_a_table_beside_the_run(bpe_run, corpus, tmp_path):
+def test_evaluate_cli_writes_a_table_beside_the_run(bpe_run, corpus, tmp_path, capsys):
     out, _ = bpe_run
     proc = subprocess.run([sys.executable, "analysis/evaluate.py", str(out), f"data.test_path={corpus / 'test.txt'}",
                            "--out", str(tmp_path / "ev")], cwd=PROJECT_ROOT, capture_output=True, text=True,
@@ -251,15 +252,17 @@ def test_evaluate_cli_writes_a_table_beside_the_run(bpe_run, corpus, tmp_path):
     records = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert len(records) == 1 and len(records[0]["bpc"]) == 2
     assert records[0]["checkpoint"] == "best.ckpt" and records[0]["step"] in (6, 12)  # validated at steps 6 and 12
-    proc = subprocess.run([sys.executable, "analysis/evaluate.py", str(out)], cwd=PROJECT_ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+    # its errors, from the script's main in this process (a fresh interpreter costs seconds each)
+    spec = importlib.util.spec_from_file_location("evaluate_script", PROJECT_ROOT / "analysis" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    capsys.readouterr()
+    assert script.main([str(out)]) == 2 and capsys.readouterr().err.strip().splitlines() == [
         f"error: {out} has no test split: pass one with data.test_path=FILE (a text file or folder), or pass "
         f"--split val."]
-    proc = subprocess.run([sys.executable, "analysis/evaluate.py", str(out), "data.test_file=x.txt"], cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=120)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(
+    code = script.main([str(out), "data.test_file=x.txt"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(
         f"error: data.test_file is not a setting of {out.name}'s data (it has _target_, batch_size,") and \
         "test_path" in lines[0], lines
 
