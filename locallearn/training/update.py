@@ -7,9 +7,10 @@ they hand it: :func:`joint_backward` (one backward of the weighted sum of local 
 graph alive at once) or :func:`sequential_backward` (forward, backward and free each chunk in turn, one
 graph alive at a time: where local learning's activation-memory saving comes from). The gradient cut in
 :meth:`ChunkedGPT.forward_chunk` makes the chunks' graphs disjoint, so both give the same gradients.
-``loss_fn(k, h, logits)`` scores chunk k; a chunk whose weight is 0 is scored (for logging) but sends no
-gradient. A ``method`` (:mod:`locallearn.training.methods`) adds its terms to each chunk's objective and collects
-the gradients chunks send back to their inputs; without one, training is local.
+``loss_fn(k, h, logits)`` scores chunk k (``loss_fn(k, h, logits, part=)`` the share of positions ``part``, for
+:func:`sliced_backward`); a chunk whose weight is 0 is scored (for logging) but sends no gradient. A ``method``
+(:mod:`locallearn.training.methods`) adds its terms to each chunk's objective and collects the gradients chunks send
+back to their inputs; without one, training is local.
 """
 
 import math
