@@ -98,10 +98,10 @@ def _check_loss_slices(cfg: DictConfig, objective):
     if not objective.position_wise:
         raise ConfigError(f"loss_slices={slices} scores the loss in slices of the sequence, which objective="
                           f"{objective.name} cannot (its span-boundary term reads across them); use loss_slices=1.")
-    method = cfg.get("method")
-    if method and get_class(method._target_).uses_output:
-        raise ConfigError(f"loss_slices={slices} cannot slice method={get_class(method._target_).name}'s term on "
-                          f"the chunk's whole output; use loss_slices=1.")
+    method = get_class(cfg.method._target_) if cfg.get("method") else None
+    if method is not None and method.uses_output:
+        raise ConfigError(f"loss_slices={slices} cannot slice method={method.name}'s term on the chunk's whole "
+                          f"output; use loss_slices=1.")
     if slices > cfg.data.block_size:
         raise ConfigError(f"loss_slices={slices} exceeds data.block_size={cfg.data.block_size} (a slice holds one "
                           f"position at least); use at most {cfg.data.block_size}.")

@@ -27,6 +27,11 @@ def bpc_divisor(module) -> float | None:
     return getattr(data, "val_chars_per_token", None)
 
 
+def bits_per_character(loss: float, chars_per_token: float) -> float:
+    """A mean loss per token (nats) as bits per character, with :func:`bpc_divisor`'s characters per token."""
+    return loss / chars_per_token / math.log(2)
+
+
 class ChunkMetrics(torch.nn.Module):
     """Per chunk: the loss over all targets (a batch weighted by its number of targets) and, on tasks
     (data=induction|mqar|khop), loss and accuracy on the answer tokens only. Every data-parallel rank computes
@@ -80,7 +85,7 @@ class ChunkMetrics(torch.nn.Module):
             module.log(f"val/loss/chunk{k}", value)
             module.log(f"val/{bits}/chunk{k}", value / math.log(2))
             if chars:
-                module.log(f"val/bpc/chunk{k}", value / chars / math.log(2))
+                module.log(f"val/bpc/chunk{k}", bits_per_character(value, chars))
         module.log("val/loss", values[-1], prog_bar=True)  # the model's own output: what checkpoints monitor
         answers = None
         if getattr(trainer.datamodule, "chance", None):  # a task's data

@@ -5,9 +5,9 @@ so that runs of one sweep, or of several, line up in one table. The metrics are 
 (``hparams/val_loss/chunk3``) and, for comparing runs of different K, for the last chunk (``.../last``).
 """
 
-import math
-
 from omegaconf import OmegaConf
+
+from locallearn.training.chunk_metrics import bits_per_character
 
 # The config groups a run is built from (conf/<group>/): their chosen option names the column.
 GROUPS = ("data", "model", "mode", "head", "objective", "method", "optim", "schedule", "trainer")
@@ -69,7 +69,7 @@ def final_metrics(module, chars_per_token: float | None) -> dict[str, float]:
     """The run's final validation numbers per chunk and for its last chunk (``hparams/...`` tags)."""
     per_chunk = {"val_loss": list(module.final_val)}
     if chars_per_token:  # a causal LM on text: bits per character compare tokenizers
-        per_chunk["val_bpc"] = [v / chars_per_token / math.log(2) for v in module.final_val]
+        per_chunk["val_bpc"] = [bits_per_character(v, chars_per_token) for v in module.final_val]
     if module.final_answers:
         per_chunk["answer_acc"] = list(module.final_answers["acc"])
     metrics = {"hparams/best_val_loss": module.best_val}

@@ -1,7 +1,6 @@
 """``summary.json``: the numbers of a run a researcher reads first, written at the end of fit (and if fit fails)."""
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 
 from locallearn.atomic import write_json
 from locallearn.errors import TrainingDiverged
-from locallearn.training.chunk_metrics import bpc_divisor
+from locallearn.training.chunk_metrics import bits_per_character, bpc_divisor
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +75,9 @@ class RunSummary(L.Callback):
             "val_loss": {f"chunk{k + 1}": v for k, v in enumerate(final)} if final else None,
             "best_val_loss": pl_module.best_val if final else None,
             # bits per character: a causal LM on text (the unit comparable across tokenizers)
-            "val_bpc": ({f"chunk{k + 1}": v / chars / math.log(2) for k, v in enumerate(final)}
+            "val_bpc": ({f"chunk{k + 1}": bits_per_character(v, chars) for k, v in enumerate(final)}
                         if final and chars else None),
-            "best_val_bpc": pl_module.best_val / chars / math.log(2) if final and chars else None,
+            "best_val_bpc": bits_per_character(pl_module.best_val, chars) if final and chars else None,
             **answer_fields(pl_module.final_answers, datamodule),
             "steps": steps,
             "tokens_seen": steps * tokens_per_step if tokens_per_step else None,
